@@ -1,0 +1,128 @@
+"""The `vitkit` command line: each subcommand parses its options and calls the library."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+def _train_parser() -> ArgumentParser:
+    from .engine import TrainConfig
+
+    p = ArgumentParser(description="Train a model; with no options, the default small ViT on mnist5k.")
+    p.add_argument("--config", action=ActionConfigFile, help="A YAML file of the options below; flags override it.")
+    p.add_class_arguments(TrainConfig, as_group=False, sub_configs=False)
+    return p
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="vitkit", description="Vision Transformers: train, evaluate, predict.")
+    sub = parser.add_subcommands(dest="command", required=True)
+    sub.add_subcommand("train", _train_parser(), help="train or resume a run")
+
+    ev = ArgumentParser(description="Top-1, top-5 and loss of a run; written to RUN_DIR/eval.json.")
+    ev.add_argument("run_dir", help="a run directory")
+    ev.add_argument("--data", default=None, help="data set name or folder (default: the run's validation split)")
+    ev.add_argument("--batch_size", type=int, default=256)
+    ev.add_argument("--device", default="cpu")
+    sub.add_subcommand("eval", ev, help="evaluate a run")
+
+    pr = ArgumentParser(description="Class probabilities for images.")
+    pr.add_argument("run_dir", help="a run directory")
+    pr.add_argument("images", nargs="+", help="image files or folders")
+    pr.add_argument("--topk", type=int, default=5)
+    pr.add_argument("--json", action="store_true", help="print JSON instead of text")
+    pr.add_argument("--device", default="cpu")
+    sub.add_subcommand("predict", pr, help="predict classes of images")
+
+    md = ArgumentParser(description="The registry: name, family, parameters, default image size.")
+    md.add_argument("pattern", nargs="?", default=None, help="wildcard or substring, e.g. 'deit*'")
+    sub.add_subcommand("models", md, help="list registered models")
+    return parser
+
+
+def _normalize_flags(argv: list[str]) -> list[str]:
+    """Accept `--batch-size` as well as `--batch_size`."""
+    out = []
+    for a in argv:
+        if a.startswith("--") and len(a) > 2:
+            name, eq, val = a[2:].partition("=")
+            a = "--" + name.replace("-", "_") + eq + val
+        out.append(a)
+    return out
+
+
+def cmd_train(ns: Namespace, parser: ArgumentParser) -> None:
+    from .engine import TrainConfig, train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        cfg = TrainConfig(**{k: v for k, v in vars(ns).items() if k in fields})
+    except ValueError as e:
+        parser.error(str(e))
+    run_dir = train(cfg)
+    print(f"run saved to {run_dir}")
+
+
+def cmd_eval(ns: Namespace) -> None:
+    from .engine import evaluate_run
+
+    r = evaluate_run(ns.run_dir, ns.data, batch_size=ns.batch_size, device=ns.device)
+    print(f"{r['data']}: top-1 {r['acc1']:.2f}%  top-5 {r['acc5']:.2f}%  loss {r['loss']:.4f}  ({r['n']} images)")
+    print(f"written to {ns.run_dir}/eval.json")
+
+
+def cmd_predict(ns: Namespace) -> None:
+    from .engine import expand_images, load_run
+
+    run = load_run(ns.run_dir, ns.device)
+    files = expand_images(ns.images)
+    if not files:
+        raise ValueError(f"no images found in {', '.join(ns.images)}")
+    preds = run.predict(files, topk=ns.topk)
+    if ns.json:
+        print(json.dumps([{"image": str(f), "top": [{"class": c, "prob": p} for c, p in ps]} for f, ps in zip(files, preds)], indent=2))
+        return
+    for f, ps in zip(files, preds):
+        print(f"{f}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in ps))
+
+
+def cmd_models(ns: Namespace) -> None:
+    import torch
+
+    from .models import create_model, get_model_entry, list_models
+
+    names = list_models(ns.pattern)
+    if not names:
+        raise ValueError(f"no model matches {ns.pattern!r}; `vitkit models` lists them all")
+    print(f"{'name':<36} {'family':<8} {'params':>9} {'img size':>9}")
+    for name in names:
+        entry = get_model_entry(name)
+        with torch.device("meta"):  # count parameters without allocating them
+            n = sum(p.numel() for p in create_model(name).parameters())
+        size = entry.config.img_size
+        print(f"{name:<36} {entry.family:<8} {n / 1e6:>8.2f}M {size if isinstance(size, int) else size[0]:>9}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(_normalize_flags(sys.argv[1:] if argv is None else argv))
+    sub = ns[ns.command]
+    try:
+        if ns.command == "train":
+            cmd_train(sub, parser)
+        else:
+            {"eval": cmd_eval, "predict": cmd_predict, "models": cmd_models}[ns.command](sub)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError) as e:
+        print(f"vitkit {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

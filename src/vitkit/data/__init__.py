@@ -1,0 +1,21 @@
+"""Data sets, preprocessing and loaders."""
+
+from .datasets import BUILTIN, IMG_EXTENSIONS, TORCHVISION, DataBundle, FolderSplit, TensorSplit, load_data
+from .loader import FolderLoader, TensorLoader, make_loader
+from .transforms import eval_transform, load_image, train_transform
+
+__all__ = [
+    "BUILTIN",
+    "IMG_EXTENSIONS",
+    "TORCHVISION",
+    "DataBundle",
+    "FolderLoader",
+    "FolderSplit",
+    "TensorLoader",
+    "TensorSplit",
+    "eval_transform",
+    "load_data",
+    "load_image",
+    "make_loader",
+    "train_transform",
+]

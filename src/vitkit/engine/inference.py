@@ -1,0 +1,109 @@
+"""Using a finished run: `load_run`, `Run.predict` and `evaluate_run`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..data import IMG_EXTENSIONS, eval_transform, load_data, load_image, make_loader
+from ..data.datasets import FolderSplit, _scan_classes
+from ..models import create_model, load_weights
+from . import rundir
+from .runtime import Runtime
+from .train import evaluate
+
+
+@dataclass
+class Run:
+    """A trained model with the preprocessing it was trained with."""
+
+    path: Path
+    model: nn.Module
+    config: dict[str, Any]
+    classes: list[str]
+    device: torch.device
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return tuple(self.config["data"]["img_size"])
+
+    @property
+    def transform(self):
+        d = self.config["data"]
+        return eval_transform(self.img_size, tuple(d["mean"]), tuple(d["std"]))
+
+    def preprocess(self, images: list[str | Path | Image.Image]) -> torch.Tensor:
+        mode = self.config["data"]["mode"]
+        pil = [im.convert(mode) if isinstance(im, Image.Image) else load_image(im, mode) for im in images]
+        return torch.stack([self.transform(im) for im in pil])
+
+    @torch.no_grad()
+    def predict(self, images: list[str | Path | Image.Image], topk: int = 5, batch_size: int = 64) -> list[list[tuple[str, float]]]:
+        """Top-k `(class name, probability)` pairs for each image (paths or PIL images)."""
+        k = min(topk, len(self.classes))
+        results = []
+        for i in range(0, len(images), batch_size):
+            x = self.preprocess(images[i : i + batch_size]).to(self.device)
+            probs = self.model(x).float().softmax(dim=-1)
+            p, idx = probs.topk(k, dim=-1)
+            results += [[(self.classes[j], float(q)) for q, j in zip(pr.tolist(), ix.tolist())] for pr, ix in zip(p, idx)]
+        return results
+
+
+def load_run(path: str | Path, device: str = "cpu") -> Run:
+    """Rebuild a run's model from `config.yaml` and `model.safetensors`, in eval mode."""
+    path = Path(path)
+    config = rundir.read_config(path)
+    args = dict(config["model"]["args"])
+    args["img_size"] = tuple(args["img_size"])
+    model = create_model(config["model"]["name"], **args)
+    load_weights(model, path / rundir.WEIGHTS)
+    dev = Runtime(device).device
+    return Run(path, model.to(dev).eval(), config, list(config["data"]["classes"]), dev)
+
+
+def expand_images(paths: list[str | Path]) -> list[Path]:
+    """Files as given; folders expanded to the images inside them (recursively, sorted)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMG_EXTENSIONS)
+        elif p.exists():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {p}")
+    return out
+
+
+def evaluate_run(path: str | Path, data: str | None = None, *, batch_size: int = 256, device: str = "cpu") -> dict[str, Any]:
+    """Top-1, top-5 and loss of a run on its validation split, or on `data`; written to RUN/eval.json.
+
+    `data` may be a data-set name (its test split is used) or a folder: `FOLDER/val` when present,
+    otherwise every image under `FOLDER/CLASS/`. Its class names must match the run's.
+    """
+    run = load_run(path, device)
+    cfg, d = run.config["train"], run.config["data"]
+    source = data or cfg["data"]
+    folder = Path(source)
+    if data and folder.is_dir() and not (folder / "val").is_dir() and source != cfg["data"]:
+        classes, files, labels = _scan_classes(folder)
+        split = FolderSplit(files, labels, d["mode"])
+    else:
+        bundle = load_data(source, seed=cfg["seed"], val_fraction=cfg["val_fraction"])
+        classes, split = bundle.classes, bundle.val
+    if classes != run.classes:
+        raise ValueError(f"{source} has classes {classes[:10]}, but the run was trained on {run.classes[:10]}")
+    if not len(split):
+        raise ValueError(f"no images to evaluate in {source}")
+    loader = make_loader(split, train=False, batch_size=batch_size, img_size=run.img_size, mean=tuple(d["mean"]),
+                         std=tuple(d["std"]), num_workers=cfg.get("num_workers", 0))
+    result = evaluate(run.model, loader, Runtime(device))
+    result = {"run": str(path), "data": source, **result}
+    rundir.atomic_write(Path(path) / "eval.json", (json.dumps(result, indent=2) + "\n").encode())
+    return result

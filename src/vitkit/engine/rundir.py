@@ -1,0 +1,123 @@
+"""The run directory: everything a run writes, each file written atomically.
+
+    RUN/
+      config.yaml        training config + what rebuilds the model and its preprocessing
+      model.safetensors  the latest weights (safetensors: loading runs no code)
+      checkpoint.pt      training state for --resume (tensors and plain values only)
+      metrics.jsonl      one JSON line per epoch
+      curves.png         training curves
+      eval.json          written by `vitkit eval`
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import save
+
+CONFIG = "config.yaml"
+WEIGHTS = "model.safetensors"
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CURVES = "curves.png"
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash at any moment leaves either the old file or the new one, never half of either.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    atomic_write(path, save(tensors, metadata=metadata))
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read training state without unpickling arbitrary objects (`weights_only=True`)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {path}; was the run started with this directory?") from None
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+
+
+def save_config(run_dir: Path, config: dict[str, Any]) -> None:
+    atomic_write(run_dir / CONFIG, yaml.safe_dump(config, sort_keys=False).encode())
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a vitkit run directory (no {CONFIG})")
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def append_metrics(run_dir: Path, row: dict[str, Any], keep_epochs: int | None = None) -> list[dict[str, Any]]:
+    """Add one epoch's row; rows past `keep_epochs` (left by an interrupted run) are dropped first."""
+    rows = read_metrics(run_dir)
+    if keep_epochs is not None:
+        rows = [r for r in rows if r["epoch"] < keep_epochs]
+    rows.append(row)
+    atomic_write(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return rows
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """Loss and accuracy per epoch, train and validation, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] + 1 for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a.plot(ep, [r["train_loss"] for r in rows], label="train")
+    a.plot(ep, [r["val_loss"] for r in rows], label="val")
+    a.set(xlabel="epoch", ylabel="loss", title="loss")
+    b.plot(ep, [r["train_acc1"] for r in rows], label="train")
+    b.plot(ep, [r["val_acc1"] for r in rows], label="val")
+    b.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(run_dir / CURVES, buf.getvalue())

@@ -1,0 +1,22 @@
+"""Model families, shared layers and the registry. Imports nothing from data, engine or CLI."""
+
+from . import vit  # noqa: F401  (registers the ViT and DeiT variants)
+from .contract import Intermediates, VisionModel
+from .registry import ModelEntry, create_model, get_model_entry, list_models, model_config, register_model
+from .vit import VisionTransformer, ViTConfig
+from .weights import load_weights, read_state_dict
+
+__all__ = [
+    "Intermediates",
+    "ModelEntry",
+    "ViTConfig",
+    "VisionModel",
+    "VisionTransformer",
+    "create_model",
+    "get_model_entry",
+    "list_models",
+    "load_weights",
+    "model_config",
+    "read_state_dict",
+    "register_model",
+]

@@ -1,0 +1,83 @@
+"""The model contract every family implements; engine, explain, export and convert use only this."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class Intermediates(NamedTuple):
+    """What `forward_intermediates` returns.
+
+    features: the `forward_features` output, ready for `forward_head`.
+    intermediates: one tensor per requested block; `(B, C, H, W)` for `output_fmt="NCHW"` (patch
+        tokens only, prefix tokens dropped) or `(B, N, C)` with all tokens for `"NLC"`.
+    attentions: attention probabilities `(B, heads, N, N)` of the requested blocks, computed on the
+        explicit (non-fused) path; empty unless `return_attn=True`.
+    """
+
+    features: torch.Tensor
+    intermediates: list[torch.Tensor]
+    attentions: list[torch.Tensor]
+
+
+class VisionModel(nn.Module):
+    """Base class of all vitkit classifiers.
+
+    `forward(x) == forward_head(forward_features(x))`. Subclasses set `num_classes`,
+    `num_features`, `num_prefix_tokens` and implement the methods below.
+    """
+
+    num_classes: int
+    num_features: int
+    num_prefix_tokens: int = 0
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        *,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+        return_attn: bool = False,
+    ) -> Intermediates:
+        raise NotImplementedError
+
+    def reset_classifier(self, num_classes: int) -> None:
+        raise NotImplementedError
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters that must not be weight-decayed besides norms and biases."""
+        return set()
+
+    @property
+    def num_blocks(self) -> int:
+        raise NotImplementedError
+
+
+def resolve_indices(indices: int | list[int] | None, num_blocks: int) -> list[int]:
+    """`None` -> every block; an int `n` -> the last `n` blocks; a list -> those (negatives allowed)."""
+    if indices is None:
+        return list(range(num_blocks))
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"asked for the last {indices} blocks of a model with {num_blocks}")
+        return list(range(num_blocks - indices, num_blocks))
+    out = []
+    for i in indices:
+        j = i + num_blocks if i < 0 else i
+        if not 0 <= j < num_blocks:
+            raise ValueError(f"block index {i} is out of range for a model with {num_blocks} blocks")
+        out.append(j)
+    return sorted(set(out))

@@ -1,0 +1,134 @@
+"""Named model variants: `create_model` and `list_models`.
+
+Each family registers its variants as data (a frozen config dataclass instance). Unknown names and
+overrides fail at the call, listing what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered variant: its family, config and the preprocessing its weights expect."""
+
+    name: str
+    family: str
+    config: Any
+    builder: Callable[[Any], nn.Module]
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    description: str = ""
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(entry: ModelEntry) -> ModelEntry:
+    if entry.name in _REGISTRY:
+        raise ValueError(f"model {entry.name!r} is registered twice")
+    _REGISTRY[entry.name] = entry
+    return entry
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Registered names, sorted; `pattern` is a shell-style wildcard (`"deit*"`) or a substring."""
+    names = sorted(_REGISTRY)
+    if pattern:
+        glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        names = [n for n in names if fnmatch.fnmatchcase(n, glob)]
+    return names
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Valid names: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def model_config(name: str, **overrides: Any) -> Any:
+    """The variant's config with `overrides` applied and type-checked."""
+    entry = get_model_entry(name)
+    fields = {f.name: f for f in dataclasses.fields(entry.config)}
+    hints = typing.get_type_hints(type(entry.config))
+    for key, value in overrides.items():
+        if key not in fields:
+            raise ValueError(
+                f"unknown override {key!r} for model {name!r} ({entry.family}). Valid: {', '.join(sorted(fields))}"
+            )
+        if not _matches(value, hints[key]):
+            raise TypeError(f"override {key}={value!r} for model {name!r} must be of type {hints[key]}")
+    return dataclasses.replace(entry.config, **overrides)
+
+
+def create_model(
+    name: str,
+    *,
+    pretrained: str | Path | None = None,
+    num_classes: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    in_chans: int | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: a name from `list_models()`.
+        pretrained: a vitkit run directory or a weights file (`.safetensors`, or a state-dict file
+            read with `torch.load(weights_only=True)`). Position embeddings are resampled to the new
+            grid; a classifier whose class count differs from `num_classes` is re-initialised.
+        num_classes, img_size, in_chans: the usual shortcuts for config fields.
+        overrides: any other field of the family's config; unknown ones raise.
+    """
+    for key, value in (("num_classes", num_classes), ("img_size", img_size), ("in_chans", in_chans)):
+        if value is not None:
+            overrides[key] = tuple(value) if isinstance(value, list) else value
+    entry = get_model_entry(name)
+    model = entry.builder(model_config(name, **overrides))
+    if pretrained is not None:
+        from .weights import load_weights
+
+        load_weights(model, pretrained, reset_head=num_classes is not None)
+    return model
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """A small runtime check of config override types (int/float/bool/str/Literal/Optional/tuple)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(args) == len(value) and all(_matches(v, h) for v, h in zip(value, args))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)

@@ -1,0 +1,300 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) and DeiT (Touvron et al. 2021).
+
+The image is cut into patches, each projected to a token; a class token (or global average
+pooling) summarises the sequence after a stack of pre-norm encoder blocks. DeiT is the same
+architecture plus a distillation token with its own head. Parameter names follow timm's
+`VisionTransformer` so timm state dicts load unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .contract import Intermediates, VisionModel, resolve_indices
+from .layers import Block, ConvStem, PatchEmbed, resample_abs_pos_embed, sincos_2d_pos_embed
+from .registry import INCEPTION_MEAN, INCEPTION_STD, ModelEntry, register_model
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    class_token: bool = True
+    global_pool: Literal["token", "avg"] = "token"
+    fc_norm: bool | None = None  # None: on with avg pooling, as in timm (norm after pooling)
+    pos_embed: Literal["learn", "sincos", "none"] = "learn"
+    embed_layer: Literal["patch", "conv"] = "patch"
+    distilled: bool = False  # DeiT: add a distillation token and head
+    init_values: float | None = None  # layer scale
+    drop_rate: float = 0.0  # before the head
+    pos_drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0  # stochastic depth, linearly increasing with depth
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.global_pool == "token" and not self.class_token:
+            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg'")
+        if self.distilled and not self.class_token:
+            raise ValueError("a distilled (DeiT) model needs class_token=True")
+        for name in ("in_chans", "num_classes", "embed_dim", "depth", "num_heads", "patch_size"):
+            if getattr(self, name) < (0 if name == "num_classes" else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        size = _pair(self.img_size)
+        if size[0] % self.patch_size or size[1] % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+
+
+class VisionTransformer(VisionModel):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.embed_dim
+        self.num_classes = cfg.num_classes
+        self.num_features = D
+        self.global_pool = cfg.global_pool
+        self.num_prefix_tokens = int(cfg.class_token) + int(cfg.distilled)
+        self.grid = (_pair(cfg.img_size)[0] // cfg.patch_size, _pair(cfg.img_size)[1] // cfg.patch_size)
+
+        embed = PatchEmbed if cfg.embed_layer == "patch" else ConvStem
+        self.patch_embed = embed(cfg.patch_size, cfg.in_chans, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.distilled else None
+        n_pos = self.grid[0] * self.grid[1] + self.num_prefix_tokens
+        if cfg.pos_embed == "learn":
+            self.pos_embed = nn.Parameter(torch.randn(1, n_pos, D) * 0.02)
+        elif cfg.pos_embed == "sincos":  # fixed, so a buffer; not saved, recomputed for any grid
+            self.register_buffer("pos_embed", self._sincos(self.grid), persistent=False)
+        else:
+            self.pos_embed = None
+        self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
+
+        dpr = [cfg.drop_path_rate * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]  # stochastic depth rule
+        norm_layer = _layer_norm(cfg.norm_eps)
+        self.blocks = nn.ModuleList(
+            Block(
+                D,
+                cfg.num_heads,
+                mlp_ratio=cfg.mlp_ratio,
+                qkv_bias=cfg.qkv_bias,
+                proj_drop=cfg.proj_drop_rate,
+                attn_drop=cfg.attn_drop_rate,
+                drop_path=dpr[i],
+                init_values=cfg.init_values,
+                norm_layer=norm_layer,
+            )
+            for i in range(cfg.depth)
+        )
+        use_fc_norm = cfg.global_pool == "avg" if cfg.fc_norm is None else cfg.fc_norm
+        self.norm = nn.Identity() if use_fc_norm else norm_layer(D)
+        self.fc_norm = norm_layer(D) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.head_dist = (nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()) if cfg.distilled else None
+        self._init_weights()
+        # Checkpoints made at another resolution load directly: their position table is resampled.
+        self._register_load_state_dict_pre_hook(self._resample_pos_embed_hook)
+
+    # -- construction helpers -------------------------------------------------------------------
+    def _sincos(self, grid: tuple[int, int]) -> torch.Tensor:
+        pe = sincos_2d_pos_embed(grid, self.cfg.embed_dim)
+        return torch.cat([pe.new_zeros(1, self.num_prefix_tokens, pe.shape[-1]), pe], dim=1)
+
+    def _init_weights(self) -> None:
+        # timm's "vit" init: truncated normal (std .02) linears, zero biases, tiny token init.
+        for tok in (self.cls_token, self.dist_token):
+            if tok is not None:
+                nn.init.normal_(tok, std=1e-6 if tok is self.cls_token else 0.02)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def _resample_pos_embed_hook(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        key = prefix + "pos_embed"
+        if isinstance(self.pos_embed, nn.Parameter) and key in state_dict:
+            pe = state_dict[key]
+            if pe.shape != self.pos_embed.shape and pe.shape[-1] == self.pos_embed.shape[-1]:
+                state_dict[key] = resample_abs_pos_embed(pe, self.grid, num_prefix_tokens=self.num_prefix_tokens)
+
+    # -- the model contract ---------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "dist_token"}
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool == "token" and self.cls_token is None:
+                raise ValueError("global_pool='token' needs a class token")
+            self.global_pool = global_pool
+        D = self.num_features
+        self.head = nn.Linear(D, num_classes) if num_classes > 0 else nn.Identity()
+        if self.head_dist is not None:
+            self.head_dist = nn.Linear(D, num_classes) if num_classes > 0 else nn.Identity()
+        for h in (self.head, self.head_dist):
+            if isinstance(h, nn.Linear):
+                nn.init.trunc_normal_(h.weight, std=0.02)
+                nn.init.zeros_(h.bias)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        x, grid = self.patch_embed(x)  # (B, N, D)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        x = torch.cat(prefix + [x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self._pos_embed_for(grid)
+        return self.pos_drop(x)
+
+    def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        if grid == self.grid:
+            return self.pos_embed
+        if self.cfg.pos_embed == "sincos":
+            return self._sincos(grid).to(self.pos_embed)
+        # Any input size that is a multiple of the patch: resample the learned table on the fly.
+        return resample_abs_pos_embed(self.pos_embed, grid, self.grid, self.num_prefix_tokens)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._embed(x)
+        for blk in self.blocks:
+            x, _ = blk(x)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Tokens `(B, N, D)` -> pooled features `(B, D)` (a pair for DeiT: class and distillation)."""
+        if self.dist_token is not None:
+            return x[:, 0], x[:, 1]
+        if self.global_pool == "avg":
+            return x[:, self.num_prefix_tokens :].mean(dim=1)
+        return x[:, 0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        pooled = self.pool(x)
+        if isinstance(pooled, tuple):  # DeiT
+            cls, dist = (self.head_drop(self.fc_norm(p)) for p in pooled)
+            if pre_logits:
+                return (cls + dist) / 2
+            logits, logits_dist = self.head(cls), self.head_dist(dist)
+            # Training returns both heads (the distillation loss needs them); inference averages them.
+            if self.training:
+                return logits, logits_dist
+            return (logits + logits_dist) / 2
+        x = self.head_drop(self.fc_norm(pooled))
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        *,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+        return_attn: bool = False,
+    ) -> Intermediates:
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take = set(resolve_indices(indices, self.num_blocks))
+        B, _, H, W = x.shape
+        gh, gw = H // self.patch_embed.reduction[0], W // self.patch_embed.reduction[1]
+        x = self._embed(x)
+        feats, attns = [], []
+        for i, blk in enumerate(self.blocks):
+            x, attn = blk(x, need_weights=return_attn and i in take)
+            if i in take:
+                y = self.norm(x) if norm else x
+                if output_fmt == "NCHW":
+                    y = y[:, self.num_prefix_tokens :].transpose(1, 2).reshape(B, -1, gh, gw)
+                feats.append(y)
+                if return_attn:
+                    attns.append(attn)
+        return Intermediates(self.norm(x), feats, attns)
+
+
+def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
+    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+def _layer_norm(eps: float) -> type[nn.Module]:
+    class LayerNorm(nn.LayerNorm):
+        def __init__(self, dim: int) -> None:
+            super().__init__(dim, eps=eps)
+
+    return LayerNorm
+
+
+# -- variants ---------------------------------------------------------------------------------------
+# timm's names and configurations; small-image variants for data sets that fit on a laptop.
+_TI = ViTConfig(embed_dim=192, depth=12, num_heads=3)
+_S = ViTConfig(embed_dim=384, depth=12, num_heads=6)
+_B = ViTConfig(embed_dim=768, depth=12, num_heads=12)
+_L = ViTConfig(embed_dim=1024, depth=24, num_heads=16)
+_INCEPTION = dict(mean=INCEPTION_MEAN, std=INCEPTION_STD)  # timm's augreg ViT weights expect [-1, 1]
+
+VARIANTS: dict[str, tuple[ViTConfig, dict[str, Any]]] = {
+    "vit_tiny_patch16_224": (_TI, _INCEPTION),
+    "vit_small_patch16_224": (_S, _INCEPTION),
+    "vit_base_patch16_224": (_B, _INCEPTION),
+    "vit_large_patch16_224": (_L, _INCEPTION),
+    "vit_base_patch32_224": (replace(_B, patch_size=32), _INCEPTION),
+    "deit_tiny_patch16_224": (_TI, {}),
+    "deit_small_patch16_224": (_S, {}),
+    "deit_base_patch16_224": (_B, {}),
+    "deit_tiny_distilled_patch16_224": (replace(_TI, distilled=True), {}),
+    "deit_small_distilled_patch16_224": (replace(_S, distilled=True), {}),
+    "deit_base_distilled_patch16_224": (replace(_B, distilled=True), {}),
+}
+# Small images (Beyer et al. 2022 and the CCT recipe): global average pooling, fixed sin-cos
+# position embeddings, small patches; "conv" variants replace the patch projection by a small
+# convolutional stem, which is what makes a ViT learn from a few thousand images in minutes.
+_SMALL = dict(class_token=False, global_pool="avg", pos_embed="sincos", mlp_ratio=2.0)
+_MNIST = dict(img_size=28, in_chans=1, num_classes=10)
+VARIANTS.update(
+    {
+        "vit_pico_patch4_28": (ViTConfig(patch_size=4, embed_dim=96, depth=4, num_heads=4, **_SMALL, **_MNIST), {}),
+        "vit_pico_conv4_28": (
+            ViTConfig(patch_size=4, embed_dim=96, depth=4, num_heads=4, embed_layer="conv", **_SMALL, **_MNIST),
+            {},
+        ),
+        "deit_pico_distilled_conv4_28": (
+            ViTConfig(patch_size=4, embed_dim=96, depth=4, num_heads=4, embed_layer="conv", distilled=True,
+                      mlp_ratio=2.0, **_MNIST),
+            {},
+        ),
+        "vit_nano_patch4_32": (ViTConfig(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, **_SMALL,
+                                         num_classes=10), {}),
+        "vit_nano_conv4_32": (ViTConfig(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3,
+                                        embed_layer="conv", **_SMALL, num_classes=10), {}),
+        "vit_micro_patch4_64": (ViTConfig(img_size=64, patch_size=4, embed_dim=256, depth=8, num_heads=4, **_SMALL,
+                                          num_classes=10), {}),
+    }
+)
+
+for _name, (_cfg, _pre) in VARIANTS.items():
+    register_model(
+        ModelEntry(
+            name=_name,
+            family="deit" if _name.startswith("deit") else "vit",
+            config=_cfg,
+            builder=VisionTransformer,
+            **_pre,
+        )
+    )
