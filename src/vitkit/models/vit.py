@@ -9,6 +9,7 @@ architecture plus a distillation token with its own head. Parameter names follow
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -84,7 +85,7 @@ class VisionTransformer(VisionModel):
         self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
 
         dpr = [cfg.drop_path_rate * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]  # stochastic depth rule
-        norm_layer = _layer_norm(cfg.norm_eps)
+        norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
         self.blocks = nn.ModuleList(
             Block(
                 D,
@@ -103,8 +104,8 @@ class VisionTransformer(VisionModel):
         self.norm = nn.Identity() if use_fc_norm else norm_layer(D)
         self.fc_norm = norm_layer(D) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
-        self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
-        self.head_dist = (nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()) if cfg.distilled else None
+        self.head = _head(D, cfg.num_classes)
+        self.head_dist = _head(D, cfg.num_classes) if cfg.distilled else None
         self._init_weights()
         # Checkpoints made at another resolution load directly: their position table is resampled.
         self._register_load_state_dict_pre_hook(self._resample_pos_embed_hook)
@@ -148,10 +149,9 @@ class VisionTransformer(VisionModel):
             if global_pool == "token" and self.cls_token is None:
                 raise ValueError("global_pool='token' needs a class token")
             self.global_pool = global_pool
-        D = self.num_features
-        self.head = nn.Linear(D, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = _head(self.num_features, num_classes)
         if self.head_dist is not None:
-            self.head_dist = nn.Linear(D, num_classes) if num_classes > 0 else nn.Identity()
+            self.head_dist = _head(self.num_features, num_classes)
         for h in (self.head, self.head_dist):
             if isinstance(h, nn.Linear):
                 nn.init.trunc_normal_(h.weight, std=0.02)
@@ -233,12 +233,8 @@ def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
     return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
 
 
-def _layer_norm(eps: float) -> type[nn.Module]:
-    class LayerNorm(nn.LayerNorm):
-        def __init__(self, dim: int) -> None:
-            super().__init__(dim, eps=eps)
-
-    return LayerNorm
+def _head(dim: int, num_classes: int) -> nn.Module:
+    return nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
 
 # -- variants ---------------------------------------------------------------------------------------
