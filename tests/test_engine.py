@@ -30,7 +30,7 @@ def test_warmup_cosine_schedule():
 
 
 def test_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="lr=-1.0 is out of range"):
+    with pytest.raises(ValueError, match="lr=-1.0 is invalid: must be > 0"):
         TrainConfig(lr=-1.0)
     with pytest.raises(ValueError, match="warmup_epochs"):
         TrainConfig(epochs=2, warmup_epochs=5)

@@ -2,7 +2,7 @@
 
 from .datasets import BUILTIN, IMG_EXTENSIONS, TORCHVISION, DataBundle, FolderSplit, TensorSplit, load_data
 from .loader import FolderLoader, TensorLoader, make_loader
-from .transforms import eval_transform, load_image, train_transform
+from .transforms import check_image, eval_transform, load_image, train_transform
 
 __all__ = [
     "BUILTIN",
@@ -13,6 +13,7 @@ __all__ = [
     "FolderSplit",
     "TensorLoader",
     "TensorSplit",
+    "check_image",
     "eval_transform",
     "load_data",
     "load_image",

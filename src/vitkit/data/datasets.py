@@ -7,6 +7,7 @@ at once; image folders (`FolderSplit`) are decoded per image in DataLoader worke
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from ..models.registry import IMAGENET_MEAN, IMAGENET_STD
+from .transforms import GRAY_MODES, check_image
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 BUILTIN = ("mnist5k", "digits")
@@ -65,7 +67,7 @@ class DataBundle:
     std: tuple[float, ...]
     hflip: bool  # whether horizontal flips preserve labels (not for digits)
     native_size: tuple[int, int] | None = None
-    meta: dict = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of files left out
 
     @property
     def num_classes(self) -> int:
@@ -76,8 +78,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VITKIT_DATA", Path.home() / ".cache" / "vitkit" / "datasets"))
 
 
-def load_data(source: str, *, seed: int = 0, val_fraction: float = 0.2) -> DataBundle:
-    """Load a data set by name (`mnist5k`, `digits`, `cifar10`, ...) or from an image folder path."""
+def load_data(source: str, *, seed: int = 0, val_fraction: float = 0.2, strict: bool = False) -> DataBundle:
+    """Load a data set by name (`mnist5k`, `digits`, `cifar10`, ...) or from an image folder path.
+
+    In a folder, damaged images are skipped with a warning and listed in `bundle.skipped`;
+    `strict=True` makes the first one an error.
+    """
     if source in BUILTIN:
         images, labels, classes = _mnist5k() if source == "mnist5k" else _digits()
         # A fixed stratified split (seed 0 whatever the run's seed, so every run is scored on the
@@ -89,7 +95,7 @@ def load_data(source: str, *, seed: int = 0, val_fraction: float = 0.2) -> DataB
         return _torchvision(source.lower())
     path = Path(source).expanduser()
     if path.is_dir():
-        return _folder(path, seed=seed, val_fraction=val_fraction)
+        return _folder(path, seed=seed, val_fraction=val_fraction, strict=strict)
     raise ValueError(
         f"unknown data set {source!r}: not a built-in ({', '.join(BUILTIN)}), not a torchvision name "
         f"({', '.join(TORCHVISION)}), and no folder exists at {path}"
@@ -161,40 +167,84 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
 
 
-def _scan_classes(root: Path) -> tuple[list[str], list[Path], list[int]]:
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files, labels = [], []
-    for i, c in enumerate(classes):
-        found = _list_images(root / c)
-        files += found
-        labels += [i] * len(found)
-    return classes, files, labels
+def _scan_classes(root: Path, *, strict: bool = False, skipped: list | None = None) -> tuple[list[str], list[Path], list[int], list[str]]:
+    """Class folders under `root` and their decodable images: `(classes, files, labels, modes)`.
+
+    Damaged files and class folders without a usable image are appended to `skipped` as
+    `(path, reason)` and left out with a warning; with `strict` the first one is an error.
+    """
+    skipped = [] if skipped is None else skipped
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such folder: {root}")
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes, files, labels, modes = [], [], [], []
+    for name in folders:
+        good = []
+        for p in _list_images(root / name):
+            try:
+                good.append((p, check_image(p)))
+            except ValueError as e:
+                if strict:
+                    raise ValueError(f"damaged image (strict mode): {e}") from e
+                skipped.append((str(p), str(e.__cause__ or e)))
+        if not good:
+            if strict:
+                raise ValueError(f"class folder {root / name} has no usable images (strict mode)")
+            skipped.append((str(root / name), "class folder without usable images"))
+            continue
+        for p, mode in good:
+            files.append(p)
+            labels.append(len(classes))
+            modes.append(mode)
+        classes.append(name)
+    return classes, files, labels, modes
 
 
-def _folder(root: Path, *, seed: int, val_fraction: float) -> DataBundle:
+def _split_per_class(labels: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded stratified split that never fails: each class with n >= 2 images gives
+    max(1, round(n * val_fraction)) to validation; a class with one image stays in training."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    train, val = [], []
+    for idx in by_class.values():
+        idx = list(rng.permutation(idx))
+        k = 0 if len(idx) < 2 else min(len(idx) - 1, max(1, round(len(idx) * val_fraction)))
+        val += idx[:k]
+        train += idx[k:]
+    return sorted(train), sorted(val)
+
+
+def _folder(root: Path, *, seed: int, val_fraction: float, strict: bool) -> DataBundle:
     """`ROOT/CLASS/*.png`, or `ROOT/train/CLASS/...` and `ROOT/val/CLASS/...`."""
+    skipped: list[tuple[str, str]] = []
     if (root / "train").is_dir() and (root / "val").is_dir():
-        classes, tr_files, tr_labels = _scan_classes(root / "train")
-        val_classes, va_files, va_labels = _scan_classes(root / "val")
-        if val_classes != classes:
-            raise ValueError(f"{root}/train and {root}/val have different class folders: {classes} vs {val_classes}")
+        classes, tr_files, tr_labels, modes = _scan_classes(root / "train", strict=strict, skipped=skipped)
+        val_classes, va_files, va_labels, va_modes = _scan_classes(root / "val", strict=strict, skipped=skipped)
+        extra = sorted(set(val_classes) - set(classes))
+        if extra:
+            raise ValueError(f"{root}/val has classes that {root}/train lacks: {extra}")
+        va_labels = [classes.index(val_classes[y]) for y in va_labels]  # align to the training classes
+        modes += va_modes
     else:
-        classes, files, labels = _scan_classes(root)
-        if len(classes) >= 2 and len(files):
-            tr, va = train_test_split(
-                np.arange(len(files)), test_size=val_fraction, stratify=labels, random_state=seed
-            )
-            tr_files, tr_labels = [files[i] for i in tr], [labels[i] for i in tr]
-            va_files, va_labels = [files[i] for i in va], [labels[i] for i in va]
-        else:
-            tr_files = va_files = files
+        classes, files, labels, modes = _scan_classes(root, strict=strict, skipped=skipped)
+        tr, va = _split_per_class(labels, val_fraction, seed)
+        tr_files, tr_labels = [files[i] for i in tr], [labels[i] for i in tr]
+        va_files, va_labels = [files[i] for i in va], [labels[i] for i in va]
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} damaged or empty entries under {root}, e.g. {skipped[0][0]}: {skipped[0][1]}")
+    if not tr_files:
+        raise ValueError(f"no usable images ({', '.join(IMG_EXTENSIONS)}) under {root}; expected ROOT/CLASS/*.png")
     if len(classes) < 2:
-        raise ValueError(f"{root} needs at least two class folders (ROOT/CLASS/*.png), found {classes}")
-    if not tr_files or not va_files:
-        raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root}")
-    mode = _common_mode(tr_files[:: max(1, len(tr_files) // 32)])
-    in_chans = 1 if mode == "L" else 3
+        raise ValueError(
+            f"{root} needs at least two class folders with images (ROOT/CLASS/*.png) to train a classifier, found {classes}"
+        )
+    if not va_files:
+        raise ValueError(f"no validation images under {root}: add images or lower --val-fraction's rounding")
+    in_chans = 1 if all(m in GRAY_MODES for m in modes) else 3
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,), (0.5,))
+    mode = "L" if in_chans == 1 else "RGB"
     return DataBundle(
         name=str(root),
         classes=classes,
@@ -204,13 +254,5 @@ def _folder(root: Path, *, seed: int, val_fraction: float) -> DataBundle:
         mean=mean,
         std=std,
         hflip=True,
+        skipped=skipped,
     )
-
-
-def _common_mode(sample: list[Path]) -> str:
-    """"L" when every sampled image is single-channel, else "RGB"."""
-    for p in sample:
-        with Image.open(p) as im:
-            if im.mode not in ("L", "1", "I", "I;16", "F"):
-                return "RGB"
-    return "L"

@@ -4,24 +4,51 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
 
+# Single-channel modes: 1-bit, 8-bit, with alpha, 16/32-bit integer and float greyscale.
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+_WIDE_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+# What a damaged, truncated, foreign or oversized file raises inside PIL.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def check_image(path: str | Path) -> str:
+    """Decode `path` fully (at reduced scale where the format allows) and return its PIL mode.
+
+    Raises ValueError naming the file for anything PIL cannot decode: truncated or corrupt data,
+    a non-image, a zero-byte file, or an image over PIL's decompression-bomb limit.
+    """
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            im.draft(mode, (64, 64))  # JPEG decodes at 1/8 scale: cheap, and truncation still fails
+            im.load()
+        return mode
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"cannot read image {path}: {e or type(e).__name__}") from e
+
+
 def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
-    """Open an image, apply its EXIF rotation and convert it to `mode` ("L" or "RGB")."""
+    """Open an image, apply its EXIF rotation and convert it to `mode` ("L" or "RGB").
+
+    16-bit and float images are rescaled to 8 bits (PIL's own conversion would clip them); palette
+    images go through their palette; an alpha channel is dropped.
+    """
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
-            if im.mode in ("I", "I;16", "F") and mode == "L":
-                # 16-bit and float greyscale: scale to 8 bits instead of clipping.
-                arr = torch.as_tensor(__import__("numpy").asarray(im, dtype="float32"))
-                arr = (arr - arr.min()) / (arr.max() - arr.min()).clamp_min(1e-12) * 255
-                return Image.fromarray(arr.round().byte().numpy(), mode="L")
+            if im.mode in _WIDE_MODES:
+                arr = np.asarray(im, dtype=np.float32)
+                lo, hi = float(arr.min()), float(arr.max())
+                im = Image.fromarray(((arr - lo) / max(hi - lo, 1e-12) * 255).round().astype(np.uint8), mode="L")
             return im.convert(mode)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"cannot read image {path}: {e or type(e).__name__}") from e
 
 
 def train_transform(

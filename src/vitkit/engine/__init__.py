@@ -4,7 +4,7 @@ from .config import TrainConfig
 from .inference import Run, evaluate_run, expand_images, load_run
 from .optim import create_optimizer, param_groups, warmup_cosine
 from .runtime import Runtime
-from .train import classification_loss, evaluate, train, train_one_epoch
+from .loop import classification_loss, evaluate, train, train_one_epoch
 
 __all__ = [
     "Run",

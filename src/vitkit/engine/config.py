@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -46,6 +47,10 @@ class TrainConfig:
     """Held-out share for image folders without train/ and val/ subfolders."""
     num_workers: int = 2
     """DataLoader workers for image folders (in-memory data needs none)."""
+    strict: bool = False
+    """Stop at the first damaged image instead of skipping it (skipped files are listed in the run directory)."""
+    skip_nonfinite: int = 0
+    """Tolerate this many steps with a NaN/inf loss (skipped, not applied) before stopping the run."""
     seed: int = 0
     out: str | None = None
     """Run directory; default runs/MODEL-DATA-TIMESTAMP."""
@@ -53,22 +58,28 @@ class TrainConfig:
     """Continue the run in this directory from its last checkpoint (its saved config is used)."""
 
     def __post_init__(self) -> None:
-        checks = {
-            "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0,
-            "min_lr": 0 <= self.min_lr <= self.lr,
-            "weight_decay": self.weight_decay >= 0,
-            "warmup_epochs": 0 <= self.warmup_epochs <= self.epochs,
-            "label_smoothing": 0 <= self.label_smoothing < 1,
-            "val_fraction": 0 < self.val_fraction < 1,
-            "num_workers": self.num_workers >= 0,
-            "img_size": self.img_size is None or self.img_size > 0,
-            "clip_grad": self.clip_grad is None or self.clip_grad > 0,
+        checks = {  # field: (valid?, what is allowed)
+            "epochs": (self.epochs >= 1, ">= 1"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+            "lr": (self.lr > 0, "> 0"),
+            "min_lr": (0 <= self.min_lr <= max(self.lr, 0), "between 0 and lr"),
+            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "warmup_epochs": (0 <= self.warmup_epochs <= self.epochs, "between 0 and epochs"),
+            "label_smoothing": (0 <= self.label_smoothing < 1, "in [0, 1)"),
+            "val_fraction": (0 < self.val_fraction < 1, "in (0, 1)"),
+            "num_workers": (self.num_workers >= 0, ">= 0"),
+            "img_size": (self.img_size is None or self.img_size > 0, "> 0 or null"),
+            "clip_grad": (self.clip_grad is None or self.clip_grad > 0, "> 0 or null"),
+            "skip_nonfinite": (self.skip_nonfinite >= 0, ">= 0"),
         }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(", ".join(f"{k}={getattr(self, k)!r} is out of range" for k in bad))
+        for name, (ok, allowed) in checks.items():
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be {allowed}")
+        # The Python API gets the same checks as the CLI, whose parser enforces the Literal types.
+        for name, hint in typing.get_type_hints(TrainConfig).items():
+            if typing.get_origin(hint) is Literal and getattr(self, name) not in typing.get_args(hint):
+                allowed = ", ".join(typing.get_args(hint))
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of: {allowed}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,7 +16,7 @@ from ..data.datasets import FolderSplit, _scan_classes
 from ..models import create_model, load_weights
 from . import rundir
 from .runtime import Runtime
-from .train import evaluate
+from .loop import evaluate
 
 
 @dataclass
@@ -92,7 +92,7 @@ def evaluate_run(path: str | Path, data: str | None = None, *, batch_size: int =
     source = data or cfg["data"]
     folder = Path(source)
     if data and folder.is_dir() and not (folder / "val").is_dir() and source != cfg["data"]:
-        classes, files, labels = _scan_classes(folder)
+        classes, files, labels, _ = _scan_classes(folder)
         split = FolderSplit(files, labels, d["mode"])
     else:
         bundle = load_data(source, seed=cfg["seed"], val_fraction=cfg["val_fraction"])

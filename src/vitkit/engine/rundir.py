@@ -4,6 +4,8 @@
       config.yaml        training config + what rebuilds the model and its preprocessing
       model.safetensors  the latest weights (safetensors: loading runs no code)
       checkpoint.pt      training state for --resume (tensors and plain values only)
+      checkpoint-prev.pt the one before, the fallback when the latest cannot be read
+      skipped_files.txt  damaged images left out of the data, with the reason
       metrics.jsonl      one JSON line per epoch
       curves.png         training curves
       eval.json          written by `vitkit eval`
@@ -15,6 +17,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +28,39 @@ from safetensors.torch import save
 CONFIG = "config.yaml"
 WEIGHTS = "model.safetensors"
 CHECKPOINT = "checkpoint.pt"
+PREV_CHECKPOINT = "checkpoint-prev.pt"
+SKIPPED = "skipped_files.txt"
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
+def atomic_write(path: str | Path, data: bytes, *, keep_previous: Path | None = None) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`.
 
-    A crash at any moment leaves either the old file or the new one, never half of either.
+    A crash at any moment leaves either the old file or the new one, never half of either. With
+    `keep_previous`, the old file is first renamed there (the fallback checkpoint). A full disk or a
+    permission error raises `OSError` naming `path`; the old file is untouched and the temporary
+    file is removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise type(e)(e.errno, f"cannot write {path}: {e.strerror or e}") from e
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -54,9 +70,10 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write the training state; the checkpoint it replaces becomes `checkpoint-prev.pt`."""
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue(), keep_previous=Path(path).with_name(PREV_CHECKPOINT))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -67,6 +84,25 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no checkpoint at {path}; was the run started with this directory?") from None
     except Exception as e:
         raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+
+
+def load_resume_state(run_dir: str | Path) -> dict[str, Any]:
+    """The latest readable checkpoint of a run: `checkpoint.pt`, else `checkpoint-prev.pt`."""
+    run_dir = Path(run_dir)
+    problems = []
+    for name in (CHECKPOINT, PREV_CHECKPOINT):
+        try:
+            state = load_checkpoint(run_dir / name)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(str(e))
+            continue
+        if not {"model", "optimizer", "epoch", "rng"} <= set(state):
+            problems.append(f"{run_dir / name} is not a vitkit training checkpoint")
+            continue
+        if problems:
+            warnings.warn(f"{problems[0]}; resuming from the previous checkpoint {run_dir / name}")
+        return state
+    raise ValueError(f"cannot resume {run_dir}: " + "; ".join(problems))
 
 
 def save_config(run_dir: Path, config: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import load_data, make_loader
-from ..models import create_model, get_model_entry
+from ..models import create_model, get_model_entry, model_config
 from . import rundir
 from .config import TrainConfig
 from .optim import create_optimizer, set_lr, warmup_cosine
@@ -43,10 +44,13 @@ def train_one_epoch(
     lr_at: Callable[[int], float],
     first_step: int,
     cfg: TrainConfig,
+    nonfinite_before: int = 0,
     desc: str = "train",
 ) -> dict[str, float]:
+    """One pass over `loader`. A step whose loss is NaN/inf is skipped while the run's count stays
+    within `cfg.skip_nonfinite`; past that the run stops with the step number."""
     model.train()
-    total_loss, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    total_loss, correct, seen, nonfinite, t0 = 0.0, 0, 0, 0, time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
     for i, (x, y) in enumerate(bar):
         x, y = runtime.to(x, y)
@@ -55,9 +59,15 @@ def train_one_epoch(
             out = model(x)
         loss = classification_loss(out, y, cfg.label_smoothing)
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at step {first_step + i}: lower --lr, or use bf16/fp32 instead of fp16"
-            )
+            nonfinite += 1
+            if nonfinite_before + nonfinite > cfg.skip_nonfinite:
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at step {first_step + i} (epoch {first_step // len(loader) + 1}); the last "
+                    f"checkpoint is intact. Likely causes: a learning rate too high (--lr), fp16 overflow (use "
+                    f"--precision bf16 or fp32), or bad inputs. --skip-nonfinite N tolerates a few such steps"
+                )
+            warnings.warn(f"skipping step {first_step + i}: loss is {loss.item()}")
+            continue
         runtime.backward_step(loss, model, optimizer, cfg.clip_grad)
         n = y.shape[0]
         total_loss += loss.item() * n
@@ -66,7 +76,9 @@ def train_one_epoch(
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
                         ips=f"{seen / (time.perf_counter() - t0):.0f}")
     elapsed = time.perf_counter() - t0
-    return {"train_loss": total_loss / seen, "train_acc1": 100 * correct / seen, "images_per_s": seen / elapsed}
+    seen_ = max(seen, 1)
+    return {"train_loss": total_loss / seen_, "train_acc1": 100 * correct / seen_, "images_per_s": seen / elapsed,
+            "nonfinite_steps": nonfinite}
 
 
 @torch.no_grad()
@@ -100,10 +112,12 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.resume:
         run_dir = Path(cfg.resume)
         cfg = TrainConfig(**{**rundir.read_config(run_dir)["train"], "resume": str(run_dir)})
-        resume_state = rundir.load_checkpoint(run_dir / rundir.CHECKPOINT)
-    torch.manual_seed(cfg.seed)
+        resume_state = rundir.load_resume_state(run_dir)
+    # Fail on a bad model name, override or image size before any data is read.
+    model_config(cfg.model, **cfg.model_args, **({"img_size": cfg.img_size} if cfg.img_size else {}))
     runtime = Runtime(cfg.device, cfg.precision)
-    data = load_data(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction)
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, strict=cfg.strict)
     entry = get_model_entry(cfg.model)
     size = cfg.img_size or entry.config.img_size
     img_size = (size, size) if isinstance(size, int) else tuple(size)
@@ -126,18 +140,24 @@ def train(cfg: TrainConfig) -> Path:
             "data": {"name": cfg.data, "classes": data.classes, "in_chans": data.in_chans, "img_size": list(img_size),
                      "mean": list(mean), "std": list(std), "mode": "L" if data.in_chans == 1 else "RGB"},
         })
+    if data.skipped:
+        rundir.atomic_write(run_dir / rundir.SKIPPED, "".join(f"{p}\t{why}\n" for p, why in data.skipped).encode())
+        print(f"skipped {len(data.skipped)} damaged images or empty class folders (listed in {run_dir / rundir.SKIPPED})")
 
     optimizer = create_optimizer(model, cfg.lr, cfg.weight_decay)
     steps_per_epoch = len(train_loader)
     total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     lr_at = lambda step: warmup_cosine(step, total, warmup, cfg.lr, cfg.min_lr)  # noqa: E731
-    start_epoch = 0
+    start_epoch, nonfinite = 0, 0
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
+        try:
+            model.load_state_dict(resume_state["model"])
+            optimizer.load_state_dict(resume_state["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"the checkpoint in {run_dir} does not fit the run's config: {e}") from e
         runtime.load_state_dict(resume_state["runtime"])
         torch.set_rng_state(resume_state["rng"])
-        start_epoch = resume_state["epoch"] + 1
+        start_epoch, nonfinite = resume_state["epoch"] + 1, resume_state.get("nonfinite", 0)
         print(f"resuming {run_dir} at epoch {start_epoch + 1}/{cfg.epochs}")
 
     print(f"training {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on {cfg.data}: "
@@ -147,7 +167,8 @@ def train(cfg: TrainConfig) -> Path:
         t0 = time.perf_counter()
         train_loader.set_epoch(epoch)
         stats = train_one_epoch(model, train_loader, optimizer, runtime, lr_at=lr_at, first_step=epoch * steps_per_epoch,
-                                cfg=cfg, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+                                cfg=cfg, nonfinite_before=nonfinite, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        nonfinite += stats["nonfinite_steps"]
         val = evaluate(model, val_loader, runtime)
         row = {"epoch": epoch, **stats, "val_loss": val["loss"], "val_acc1": val["acc1"], "val_acc5": val["acc5"],
                "lr": lr_at((epoch + 1) * steps_per_epoch - 1), "time_s": time.perf_counter() - t0}
@@ -155,7 +176,7 @@ def train(cfg: TrainConfig) -> Path:
         rundir.save_weights(run_dir / rundir.WEIGHTS, model.state_dict(), {"model": cfg.model, "epoch": str(epoch)})
         rundir.save_checkpoint(run_dir / rundir.CHECKPOINT, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "runtime": runtime.state_dict(),
-            "epoch": epoch, "rng": torch.get_rng_state(),
+            "epoch": epoch, "rng": torch.get_rng_state(), "nonfinite": nonfinite,
         })
         rundir.plot_curves(run_dir, rows)
         print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {stats['train_loss']:.4f} acc {stats['train_acc1']:.2f}%  "
