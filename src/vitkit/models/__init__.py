@@ -1,6 +1,10 @@
-"""Model families, shared layers and the registry. Imports nothing from data, engine or CLI."""
+"""Model families (ViT/DeiT, Swin, BEiT), shared layers and the registry.
 
-from . import vit  # noqa: F401  (registers the ViT and DeiT variants)
+Imports nothing from data, engine or CLI.
+"""
+
+# Importing a family registers its variants.
+from . import beit, swin, vit  # noqa: F401
 from .contract import Intermediates, VisionModel
 from .registry import ModelEntry, create_model, get_model_entry, list_models, model_config, register_model
 from .vit import VisionTransformer, ViTConfig

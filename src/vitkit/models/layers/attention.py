@@ -36,6 +36,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries, keys and values side by side, `(B, N, 3 * D)`; a family with another bias overrides it."""
+        return self.qkv(x)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -48,7 +52,7 @@ class Attention(nn.Module):
         broadcast to `(B, H, N, N)`.
         """
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.project_qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, Dh)
         if need_weights:
             attn = (q * self.scale) @ k.transpose(-2, -1)
