@@ -43,7 +43,7 @@ def build_parser() -> ArgumentParser:
     pr.add_argument("--device", default="cpu")
     sub.add_subcommand("predict", pr, help="predict classes of images")
 
-    md = ArgumentParser(description="The registry: name, family, parameters, default image size.", exit_on_error=False)
+    md = ArgumentParser(description="The registry: name, family, parameters, GFLOPs and default image size.", exit_on_error=False)
     md.add_argument("pattern", nargs="?", default=None, help="wildcard or substring, e.g. 'deit*'")
     sub.add_subcommand("models", md, help="list registered models")
     return parser
@@ -114,17 +114,20 @@ def cmd_models(ns: Namespace) -> int:
     import torch
 
     from .models import create_model, get_model_entry, list_models
+    from .models.profile import count_flops, count_params
 
     names = list_models(ns.pattern)
     if not names:
         raise ValueError(f"no model matches {ns.pattern!r}; `vitkit models` lists them all")
-    print(f"{'name':<36} {'family':<8} {'params':>9} {'img size':>9}")
+    print(f"{'name':<36} {'family':<8} {'params':>9} {'GFLOPs':>8} {'img size':>9}")
     for name in names:
         entry = get_model_entry(name)
-        with torch.device("meta"):  # count parameters without allocating them
-            n = sum(p.numel() for p in create_model(name).parameters())
+        with torch.device("meta"):  # count without allocating or initialising weights
+            model = create_model(name)
         size = entry.config.img_size
-        print(f"{name:<36} {entry.family:<8} {n / 1e6:>8.2f}M {size if isinstance(size, int) else size[0]:>9}")
+        flops = count_flops(model, size, entry.config.in_chans)
+        side = size if isinstance(size, int) else size[0]
+        print(f"{name:<36} {entry.family:<8} {count_params(model) / 1e6:>8.2f}M {flops / 1e9:>8.2f} {side:>9}")
     return 0
 
 

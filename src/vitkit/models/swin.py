@@ -346,7 +346,9 @@ class SwinTransformer(VisionModel):
 
         self.patch_embed = PatchEmbedNorm(cfg.patch_size, cfg.in_chans, cfg.embed_dim, norm_layer)
         # Stochastic depth grows linearly over all blocks of all stages.
-        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).split(list(cfg.depths))
+        total = sum(cfg.depths)
+        rates = [cfg.drop_path_rate * i / max(1, total - 1) for i in range(total)]  # plain floats: meta-device safe
+        starts = [sum(cfg.depths[:i]) for i in range(n)]
         self.layers = nn.ModuleList(
             SwinTransformerStage(
                 dims[max(i - 1, 0)],
@@ -354,7 +356,7 @@ class SwinTransformer(VisionModel):
                 cfg.depths[i],
                 cfg.num_heads[i],
                 downsample=i > 0,
-                drop_path=dpr[i].tolist(),
+                drop_path=rates[starts[i] : starts[i] + cfg.depths[i]],
                 norm_layer=norm_layer,
                 window_size=cfg.window_size,
                 mlp_ratio=cfg.mlp_ratio,
