@@ -104,3 +104,12 @@ def test_default_run_reaches_97_percent(tmp_path):
     """The README's main job: `vitkit train` with its defaults, >= 97% top-1 on the mnist5k test split."""
     run_dir = train(TrainConfig(out=str(tmp_path / "default")))
     assert rundir.read_metrics(run_dir)[-1]["val_acc1"] >= 97.0
+
+
+def test_fp16_on_cuda_always_gets_a_gradient_scaler(monkeypatch):
+    """The fp16 path's set-up, checked without a GPU: CUDA reported available, nothing run on it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    rt = Runtime("cuda", "fp16")
+    assert isinstance(rt.scaler, torch.amp.GradScaler) and rt.device.type == "cuda"
+    assert Runtime("cuda", "bf16").scaler is None and Runtime("cuda", "fp32").scaler is None
+    assert "scaler" in rt.state_dict()
