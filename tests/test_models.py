@@ -10,7 +10,7 @@ from vitkit.models.layers import resample_abs_pos_embed, sincos_2d_pos_embed
 
 def _tiny_size(name: str) -> int:
     cfg = get_model_entry(name).config
-    return 2 * cfg.patch_size  # a 2x2 patch grid: full width and depth, tiny sequence
+    return 2 * getattr(cfg, "reduction", cfg.patch_size)  # a 2x2 token grid: full width and depth, tiny sequence
 
 
 @pytest.mark.parametrize("name", vitkit.list_models())

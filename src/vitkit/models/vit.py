@@ -2,7 +2,8 @@
 
 The image is cut into patches, each projected to a token; a class token (or global average
 pooling) summarises the sequence after a stack of pre-norm encoder blocks. DeiT is the same
-architecture plus a distillation token with its own head. Parameter names follow timm's
+architecture plus a distillation token with its own head. The hybrids (ViT paper, sec. 3.1) take
+their tokens from a ResNet's feature map instead of from pixels. Parameter names follow timm's
 `VisionTransformer` so timm state dicts load unchanged.
 """
 
@@ -17,6 +18,8 @@ from torch import nn
 
 from .contract import Intermediates, VisionModel, resolve_indices
 from .layers import Block, ConvStem, PatchEmbed, resample_abs_pos_embed, sincos_2d_pos_embed
+from .layers.patch_embed import HybridEmbed
+from .layers.resnet import ResNetV2Backbone, backbone_reduction
 from .registry import INCEPTION_MEAN, INCEPTION_STD, ModelEntry, register_model
 
 
@@ -35,7 +38,9 @@ class ViTConfig:
     global_pool: Literal["token", "avg"] = "token"
     fc_norm: bool | None = None  # None: on with avg pooling, as in timm (norm after pooling)
     pos_embed: Literal["learn", "sincos", "none"] = "learn"
-    embed_layer: Literal["patch", "conv"] = "patch"
+    embed_layer: Literal["patch", "conv", "hybrid"] = "patch"
+    # "hybrid": stage depths of the ResNet-V2 backbone; `patch_size` then counts feature-map pixels.
+    backbone_layers: tuple[int, ...] = ()
     distilled: bool = False  # DeiT: add a distillation token and head
     init_values: float | None = None  # layer scale
     drop_rate: float = 0.0  # before the head
@@ -55,9 +60,21 @@ class ViTConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if (self.embed_layer == "hybrid") != bool(self.backbone_layers):
+            raise ValueError("embed_layer='hybrid' and backbone_layers go together: set both or neither")
         size = _pair(self.img_size)
-        if size[0] % self.patch_size or size[1] % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if size[0] % self.reduction or size[1] % self.reduction:
+            what = f"patch_size {self.patch_size}"
+            if self.embed_layer == "hybrid":
+                what = f"{self.reduction} (the backbone's stride times patch_size {self.patch_size})"
+            raise ValueError(f"img_size {self.img_size} is not a multiple of {what}")
+
+    @property
+    def reduction(self) -> int:
+        """Pixels per token side: the patch size, times the backbone's total stride for a hybrid."""
+        if self.embed_layer == "hybrid":
+            return backbone_reduction(self.backbone_layers) * self.patch_size
+        return self.patch_size
 
 
 class VisionTransformer(VisionModel):
@@ -69,10 +86,14 @@ class VisionTransformer(VisionModel):
         self.num_features = D
         self.global_pool = cfg.global_pool
         self.num_prefix_tokens = int(cfg.class_token) + int(cfg.distilled)
-        self.grid = (_pair(cfg.img_size)[0] // cfg.patch_size, _pair(cfg.img_size)[1] // cfg.patch_size)
+        self.grid = (_pair(cfg.img_size)[0] // cfg.reduction, _pair(cfg.img_size)[1] // cfg.reduction)
 
-        embed = PatchEmbed if cfg.embed_layer == "patch" else ConvStem
-        self.patch_embed = embed(cfg.patch_size, cfg.in_chans, D)
+        if cfg.embed_layer == "hybrid":
+            backbone = ResNetV2Backbone(cfg.backbone_layers, cfg.in_chans)
+            self.patch_embed = HybridEmbed(backbone, cfg.patch_size, D)
+        else:
+            embed = PatchEmbed if cfg.embed_layer == "patch" else ConvStem
+            self.patch_embed = embed(cfg.patch_size, cfg.in_chans, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.distilled else None
         n_pos = self.grid[0] * self.grid[1] + self.num_prefix_tokens
@@ -284,11 +305,29 @@ VARIANTS.update(
     }
 )
 
+# Hybrids (ViT paper sec. 3.1; AugReg, Steiner et al. 2022): a ResNet-V2 backbone, then one token per
+# feature-map position. R50 keeps three stages (stride 16), R26 four (stride 32). timm's only 224 px
+# R50 weights are the ImageNet-21k ones with the classifier dropped, hence num_classes=0 as in timm.
+_HYBRID = dict(embed_layer="hybrid", patch_size=1)
+VARIANTS.update(
+    {
+        "vit_small_r26_s32_224": (replace(_S, backbone_layers=(2, 2, 2, 2), **_HYBRID), _INCEPTION),
+        "vit_base_r50_s16_224": (replace(_B, backbone_layers=(3, 4, 9), num_classes=0, **_HYBRID), _INCEPTION),
+    }
+)
+
+
+def _family(name: str, cfg: ViTConfig) -> str:
+    if cfg.embed_layer == "hybrid":
+        return "hybrid"
+    return "deit" if name.startswith("deit") else "vit"
+
+
 for _name, (_cfg, _pre) in VARIANTS.items():
     register_model(
         ModelEntry(
             name=_name,
-            family="deit" if _name.startswith("deit") else "vit",
+            family=_family(_name, _cfg),
             config=_cfg,
             builder=VisionTransformer,
             **_pre,

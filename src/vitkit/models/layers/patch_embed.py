@@ -1,4 +1,4 @@
-"""Image to token sequence: the ViT patch projection and a small convolutional stem."""
+"""Image to token sequence: the ViT patch projection, a small convolutional stem and a CNN backbone."""
 
 from __future__ import annotations
 
@@ -61,6 +61,31 @@ class ConvStem(nn.Module):
         x = self.proj(self.stem(x))
         grid = (x.shape[-2], x.shape[-1])
         return x.flatten(2).transpose(1, 2), grid
+
+
+class HybridEmbed(nn.Module):
+    """Tokens from a CNN feature map (Dosovitskiy et al. 2021, sec. 3.1 "Hybrid Architecture").
+
+    The backbone (e.g. `ResNetV2Backbone`, which must expose `num_features` and an integer total
+    stride `reduction`) turns the image into a feature map; `proj` cuts that map into `patch_size`
+    patches and projects each to a token. The paper's hybrids use `patch_size=1`: one token per
+    feature-map position. Names as timm's: `backbone.*`, `proj.*`.
+    """
+
+    def __init__(self, backbone: nn.Module, patch_size: int = 1, embed_dim: int = 768) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.patch_size = _pair(patch_size)
+        self.reduction = (backbone.reduction * self.patch_size[0], backbone.reduction * self.patch_size[1])
+        self.proj = nn.Conv2d(backbone.num_features, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        # The backbone pads "SAME" and would take any size, but the token grid must be exactly
+        # H / reduction for the position table and `forward_intermediates`.
+        _check_divisible(x, self.reduction)
+        x = self.proj(self.backbone(x))  # (B, D, H/r, W/r)
+        grid = (x.shape[-2], x.shape[-1])
+        return x.flatten(2).transpose(1, 2), grid  # (B, N, D)
 
 
 def _check_divisible(x: torch.Tensor, reduction: tuple[int, int]) -> None:
