@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import Intermediates, VisionModel, resolve_indices
+from .contract import Intermediates, VisionModel, check_output_fmt, resolve_indices, tokens_to_nchw
+from .layers.helpers import classifier_head, to_2tuple
 from .layers import Attention, DropPath, Mlp, PatchEmbed, resample_abs_pos_embed
 from .registry import INCEPTION_MEAN, INCEPTION_STD, ModelEntry, register_model
 
@@ -65,7 +66,7 @@ class BeitConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        size = _pair(self.img_size)
+        size = to_2tuple(self.img_size)
         if size[0] % self.patch_size or size[1] % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.init_values is not None and self.init_values <= 0:
@@ -304,7 +305,7 @@ class Beit(VisionModel):
         self.num_classes = cfg.num_classes
         self.num_features = D
         self.num_prefix_tokens = 1
-        self.grid = (_pair(cfg.img_size)[0] // cfg.patch_size, _pair(cfg.img_size)[1] // cfg.patch_size)
+        self.grid = (to_2tuple(cfg.img_size)[0] // cfg.patch_size, to_2tuple(cfg.img_size)[1] // cfg.patch_size)
 
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
@@ -335,7 +336,7 @@ class Beit(VisionModel):
         self.norm = nn.Identity() if cfg.use_mean_pooling else norm_layer(D)
         self.fc_norm = norm_layer(D) if cfg.use_mean_pooling else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
-        self.head = _head(D, cfg.num_classes)
+        self.head = classifier_head(D, cfg.num_classes)
         self._init_weights()
         # Checkpoints made at another resolution load directly: their position tables are resized.
         self._register_load_state_dict_pre_hook(self._resize_position_tables_hook)
@@ -390,7 +391,7 @@ class Beit(VisionModel):
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
-        self.head = _head(self.num_features, num_classes).to(self.cls_token)
+        self.head = classifier_head(self.num_features, num_classes).to(self.cls_token)
         self._init_head()
 
     def _embed(
@@ -445,10 +446,8 @@ class Beit(VisionModel):
         return_attn: bool = False,
     ) -> Intermediates:
         """As in `VisionTransformer`; with mean pooling `norm` is the identity (the norm is `fc_norm`)."""
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        check_output_fmt(output_fmt)
         take = set(resolve_indices(indices, self.num_blocks))
-        B = x.shape[0]
         x, grid = self._embed(x)
         shared = self.rel_pos_bias(grid) if self.rel_pos_bias is not None else None
         feats, attns = [], []
@@ -457,19 +456,13 @@ class Beit(VisionModel):
             if i in take:
                 y = self.norm(x) if norm else x
                 if output_fmt == "NCHW":
-                    y = y[:, self.num_prefix_tokens :].transpose(1, 2).reshape(B, -1, *grid)  # (B, D, gh, gw)
+                    y = tokens_to_nchw(y, self.num_prefix_tokens, grid)
                 feats.append(y)
                 if return_attn:
                     attns.append(attn)
         return Intermediates(self.norm(x), feats, attns)
 
 
-def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
-    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
-
-
-def _head(dim: int, num_classes: int) -> nn.Module:
-    return nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
 
 # -- variants ---------------------------------------------------------------------------------------

@@ -66,6 +66,16 @@ class VisionModel(nn.Module):
         raise NotImplementedError
 
 
+def check_output_fmt(output_fmt: str) -> None:
+    if output_fmt not in ("NCHW", "NLC"):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+
+
+def tokens_to_nchw(x: torch.Tensor, num_prefix_tokens: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Tokens `(B, prefix + H*W, D)` -> patch feature map `(B, D, H, W)`, prefix tokens dropped."""
+    return x[:, num_prefix_tokens:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
+
+
 def resolve_indices(indices: int | list[int] | None, num_blocks: int) -> list[int]:
     """`None` -> every block; an int `n` -> the last `n` blocks; a list -> those (negatives allowed)."""
     if indices is None:

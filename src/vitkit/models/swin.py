@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import Intermediates, VisionModel, resolve_indices
+from .contract import Intermediates, VisionModel, check_output_fmt, resolve_indices
 from .layers import Attention, DropPath, Mlp, PatchEmbed
 from .registry import ModelEntry, register_model
 
@@ -427,8 +427,7 @@ class SwinTransformer(VisionModel):
         attentions: per requested stage, the probabilities `(B * num_windows, heads, N, N)` of its
             last block, windows in row-major order over the rolled and padded map (see module doc).
         """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        check_output_fmt(output_fmt)
         take = set(resolve_indices(indices, self.num_blocks))
         x = self._embed(x)
         feats, attns = [], []

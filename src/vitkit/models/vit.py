@@ -16,7 +16,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .contract import Intermediates, VisionModel, resolve_indices
+from .contract import Intermediates, VisionModel, check_output_fmt, resolve_indices, tokens_to_nchw
+from .layers.helpers import classifier_head, to_2tuple
 from .layers import Block, ConvStem, PatchEmbed, resample_abs_pos_embed, sincos_2d_pos_embed
 from .layers.patch_embed import HybridEmbed
 from .layers.resnet import ResNetV2Backbone, backbone_reduction
@@ -62,7 +63,7 @@ class ViTConfig:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if (self.embed_layer == "hybrid") != bool(self.backbone_layers):
             raise ValueError("embed_layer='hybrid' and backbone_layers go together: set both or neither")
-        size = _pair(self.img_size)
+        size = to_2tuple(self.img_size)
         if size[0] % self.reduction or size[1] % self.reduction:
             what = f"patch_size {self.patch_size}"
             if self.embed_layer == "hybrid":
@@ -86,7 +87,7 @@ class VisionTransformer(VisionModel):
         self.num_features = D
         self.global_pool = cfg.global_pool
         self.num_prefix_tokens = int(cfg.class_token) + int(cfg.distilled)
-        self.grid = (_pair(cfg.img_size)[0] // cfg.reduction, _pair(cfg.img_size)[1] // cfg.reduction)
+        self.grid = (to_2tuple(cfg.img_size)[0] // cfg.reduction, to_2tuple(cfg.img_size)[1] // cfg.reduction)
 
         if cfg.embed_layer == "hybrid":
             backbone = ResNetV2Backbone(cfg.backbone_layers, cfg.in_chans)
@@ -125,8 +126,8 @@ class VisionTransformer(VisionModel):
         self.norm = nn.Identity() if use_fc_norm else norm_layer(D)
         self.fc_norm = norm_layer(D) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
-        self.head = _head(D, cfg.num_classes)
-        self.head_dist = _head(D, cfg.num_classes) if cfg.distilled else None
+        self.head = classifier_head(D, cfg.num_classes)
+        self.head_dist = classifier_head(D, cfg.num_classes) if cfg.distilled else None
         self._init_weights()
         # Checkpoints made at another resolution load directly: their position table is resampled.
         self._register_load_state_dict_pre_hook(self._resample_pos_embed_hook)
@@ -170,9 +171,9 @@ class VisionTransformer(VisionModel):
             if global_pool == "token" and self.cls_token is None:
                 raise ValueError("global_pool='token' needs a class token")
             self.global_pool = global_pool
-        self.head = _head(self.num_features, num_classes)
+        self.head = classifier_head(self.num_features, num_classes)
         if self.head_dist is not None:
-            self.head_dist = _head(self.num_features, num_classes)
+            self.head_dist = classifier_head(self.num_features, num_classes)
         for h in (self.head, self.head_dist):
             if isinstance(h, nn.Linear):
                 nn.init.trunc_normal_(h.weight, std=0.02)
@@ -231,10 +232,9 @@ class VisionTransformer(VisionModel):
         output_fmt: str = "NCHW",
         return_attn: bool = False,
     ) -> Intermediates:
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        check_output_fmt(output_fmt)
         take = set(resolve_indices(indices, self.num_blocks))
-        B, _, H, W = x.shape
+        H, W = x.shape[-2:]
         gh, gw = H // self.patch_embed.reduction[0], W // self.patch_embed.reduction[1]
         x = self._embed(x)
         feats, attns = [], []
@@ -243,19 +243,11 @@ class VisionTransformer(VisionModel):
             if i in take:
                 y = self.norm(x) if norm else x
                 if output_fmt == "NCHW":
-                    y = y[:, self.num_prefix_tokens :].transpose(1, 2).reshape(B, -1, gh, gw)
+                    y = tokens_to_nchw(y, self.num_prefix_tokens, (gh, gw))
                 feats.append(y)
                 if return_attn:
                     attns.append(attn)
         return Intermediates(self.norm(x), feats, attns)
-
-
-def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
-    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
-
-
-def _head(dim: int, num_classes: int) -> nn.Module:
-    return nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
 
 # -- variants ---------------------------------------------------------------------------------------

@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
-    return (x, x) if isinstance(x, int) else tuple(x)  # type: ignore[return-value]
+from .helpers import to_2tuple
 
 
 class PatchEmbed(nn.Module):
@@ -20,7 +18,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
         super().__init__()
-        self.patch_size = _pair(patch_size)
+        self.patch_size = to_2tuple(patch_size)
         self.reduction = self.patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
 
@@ -42,7 +40,7 @@ class ConvStem(nn.Module):
 
     def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 192) -> None:
         super().__init__()
-        p = _pair(patch_size)
+        p = to_2tuple(patch_size)
         if p[0] != p[1] or p[0] < 2 or p[0] & (p[0] - 1):
             raise ValueError(f"ConvStem needs a square power-of-two patch size, got {patch_size}")
         self.patch_size = p
@@ -75,7 +73,7 @@ class HybridEmbed(nn.Module):
     def __init__(self, backbone: nn.Module, patch_size: int = 1, embed_dim: int = 768) -> None:
         super().__init__()
         self.backbone = backbone
-        self.patch_size = _pair(patch_size)
+        self.patch_size = to_2tuple(patch_size)
         self.reduction = (backbone.reduction * self.patch_size[0], backbone.reduction * self.patch_size[1])
         self.proj = nn.Conv2d(backbone.num_features, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
 
