@@ -81,3 +81,9 @@ def test_pretrained_refuses_pickled_objects(tmp_path):
         vitkit.create_model("vit_pico_patch4_28", pretrained=tmp_path / "evil.pth")
     with pytest.raises(FileNotFoundError):
         vitkit.create_model("vit_pico_patch4_28", pretrained=tmp_path / "missing.safetensors")
+
+
+def test_lists_from_yaml_become_tuples():
+    """A run's config.yaml stores tuples as lists; they must rebuild the same model."""
+    m = vitkit.create_model("swin_pico_patch2_window4_32", depths=[1, 1, 1], img_size=[32, 32])
+    assert m.cfg.depths == (1, 1, 1) and m.cfg.img_size == (32, 32)

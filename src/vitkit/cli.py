@@ -46,6 +46,15 @@ def build_parser() -> ArgumentParser:
     md = ArgumentParser(description="The registry: name, family, parameters, GFLOPs and default image size.", exit_on_error=False)
     md.add_argument("pattern", nargs="?", default=None, help="wildcard or substring, e.g. 'deit*'")
     sub.add_subcommand("models", md, help="list registered models")
+
+    cv = ArgumentParser(description="Convert a timm file, Hugging Face directory or hub id, or JAX .npz to a run directory.",
+                        exit_on_error=False)
+    cv.add_argument("src", help="weights file, Hugging Face directory, or hub id org/name")
+    cv.add_argument("out", help="run directory to write")
+    cv.add_argument("--model", default=None, help="registered model name (required for timm files)")
+    cv.add_argument("--num_classes", type=int, default=None, help="a new classifier with this many classes")
+    cv.add_argument("--img_size", type=int, default=None, help="input side; position embeddings are resampled")
+    sub.add_subcommand("convert", cv, help="convert pretrained weights to a vitkit run")
     return parser
 
 
@@ -131,6 +140,14 @@ def cmd_models(ns: Namespace) -> int:
     return 0
 
 
+def cmd_convert(ns: Namespace) -> int:
+    from .convert import convert
+
+    out = convert(ns.src, ns.out, model=ns.model, num_classes=ns.num_classes, img_size=ns.img_size)
+    print(f"run saved to {out}")
+    return 0
+
+
 # What a user can cause: a bad value, a missing or damaged file, a full disk, a diverging run.
 USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, FloatingPointError)
 
@@ -147,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(e).split())
         print(f"vitkit: error: {msg} (see vitkit --help)", file=sys.stderr)
         return 2
-    commands = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models}
+    commands = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models,
+                "convert": cmd_convert}
     try:
         return commands[ns.command](ns[ns.command])
     except USER_ERRORS as e:

@@ -60,9 +60,7 @@ def load_run(path: str | Path, device: str = "cpu") -> Run:
     """Rebuild a run's model from `config.yaml` and `model.safetensors`, in eval mode."""
     path = Path(path)
     config = rundir.read_config(path)
-    args = dict(config["model"]["args"])
-    args["img_size"] = tuple(args["img_size"])
-    model = create_model(config["model"]["name"], **args)
+    model = create_model(config["model"]["name"], **config["model"]["args"])
     load_weights(model, path / rundir.WEIGHTS)
     dev = Runtime(device).device
     return Run(path, model.to(dev).eval(), config, list(config["data"]["classes"]), dev)

@@ -68,7 +68,9 @@ def model_config(name: str, **overrides: Any) -> Any:
     entry = get_model_entry(name)
     fields = {f.name: f for f in dataclasses.fields(entry.config)}
     hints = typing.get_type_hints(type(entry.config))
-    for key, value in overrides.items():
+    for key, value in list(overrides.items()):
+        if isinstance(value, list):  # YAML and JSON have no tuples: a saved run's config gives lists
+            overrides[key] = value = tuple(value)
         if key not in fields:
             raise ValueError(
                 f"unknown override {key!r} for model {name!r} ({entry.family}). Valid: {', '.join(sorted(fields))}"
@@ -99,7 +101,7 @@ def create_model(
     """
     for key, value in (("num_classes", num_classes), ("img_size", img_size), ("in_chans", in_chans)):
         if value is not None:
-            overrides[key] = tuple(value) if isinstance(value, list) else value
+            overrides[key] = value
     entry = get_model_entry(name)
     model = entry.builder(model_config(name, **overrides))
     if pretrained is not None:
