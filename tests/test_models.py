@@ -14,7 +14,7 @@ def _tiny_size(name: str) -> int:
 
 
 @pytest.mark.parametrize("name", vitkit.list_models())
-def test_every_variant_forward_backward(name):
+def test_every_variant_forward_backward_contract_and_round_trip(name):
     size = _tiny_size(name)
     model = vitkit.create_model(name, num_classes=7, img_size=size)
     in_chans = get_model_entry(name).config.in_chans
@@ -24,6 +24,25 @@ def test_every_variant_forward_backward(name):
     assert all(o.shape == (2, 7) for o in outs)
     sum(o.sum() for o in outs).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+    # The contract, in eval mode: head(features) is forward; intermediates; exemptions exist.
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+        assert torch.allclose(model.forward_head(model.forward_features(x)), logits, atol=1e-6)
+        assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, model.num_features)
+        inter = model.forward_intermediates(x, indices=[0, -1], return_attn=True)
+        assert len(inter.intermediates) == len(inter.attentions) == (1 if model.num_blocks == 1 else 2)
+        assert all(t.ndim == 4 and t.shape[0] == 2 for t in inter.intermediates)
+        # Save and load: a fresh model with the same weights gives the same logits.
+        clone = vitkit.create_model(name, num_classes=7, img_size=size).eval()
+        clone.load_state_dict(model.state_dict())
+        assert torch.equal(clone(x), logits)
+    # Learned position tables and tokens must be exempt from weight decay wherever a family has them.
+    names = {n.split(".")[-1] for n, _ in model.named_parameters()}
+    assert names & {"pos_embed", "cls_token", "dist_token", "relative_position_bias_table"} <= model.no_weight_decay()
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3)
 
 
 @pytest.mark.parametrize("name", ["vit_pico_conv4_28", "deit_pico_distilled_conv4_28", "vit_pico_patch4_28"])
