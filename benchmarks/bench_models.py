@@ -126,8 +126,8 @@ def measure(steps: dict[str, Callable[[], None]], batch: int, warmup: int, round
 
 
 def ordered(args: argparse.Namespace, **steps: Callable[[], None]) -> dict[str, Callable[[], None]]:
-    # Which side is warmed up and timed first has shifted single rows by ~10-15% here (we suspect
-    # allocator state); --timm-first swaps the order to check whether a ratio survives it.
+    # Which side is warmed up and timed first may shift a row by ~10% (seen on the pico fp32
+    # batch-256 row, cause unknown); --timm-first swaps the order to check whether a ratio survives.
     return dict(reversed(steps.items())) if args.timm_first else steps
 
 
@@ -135,7 +135,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[Row]:
     torch.manual_seed(0)
     ours, peer = build_pair(name)
     c, h, w = image_shape(peer)
-    small = h <= 64  # the 28-px models are cheap: bigger batches and more warm-up
+    small = h <= 64  # the 28-px model is cheap: bigger batches and a full-batch training warm-up
     if args.quick:
         infer_batches, train_batch, warmup, rounds, target_s = [1, 4], 4, 1, 1, 0.0
     else:
