@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import Intermediates, VisionModel, check_output_fmt, resolve_indices, tokens_to_nchw
+from .contract import Intermediates, VisionModel, block_intermediates, check_output_fmt, resolve_indices
 from .layers.helpers import classifier_head, to_2tuple
 from .layers import Attention, DropPath, Mlp, PatchEmbed, resample_abs_pos_embed
 from .registry import INCEPTION_MEAN, INCEPTION_STD, ModelEntry, register_model
@@ -450,17 +450,18 @@ class Beit(VisionModel):
         take = set(resolve_indices(indices, self.num_blocks))
         x, grid = self._embed(x)
         shared = self.rel_pos_bias(grid) if self.rel_pos_bias is not None else None
-        feats, attns = [], []
-        for i, blk in enumerate(self.blocks):
-            x, attn = blk(x, grid, shared, need_weights=return_attn and i in take)
-            if i in take:
-                y = self.norm(x) if norm else x
-                if output_fmt == "NCHW":
-                    y = tokens_to_nchw(y, self.num_prefix_tokens, grid)
-                feats.append(y)
-                if return_attn:
-                    attns.append(attn)
-        return Intermediates(self.norm(x), feats, attns)
+        return block_intermediates(
+            x,
+            lambda i, t, need_weights: self.blocks[i](t, grid, shared, need_weights=need_weights),
+            self.num_blocks,
+            take,
+            final_norm=self.norm,
+            norm=norm,
+            output_fmt=output_fmt,
+            num_prefix_tokens=self.num_prefix_tokens,
+            grid=grid,
+            return_attn=return_attn,
+        )
 
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -74,6 +74,35 @@ def check_output_fmt(output_fmt: str) -> None:
 def tokens_to_nchw(x: torch.Tensor, num_prefix_tokens: int, grid: tuple[int, int]) -> torch.Tensor:
     """Tokens `(B, prefix + H*W, D)` -> patch feature map `(B, D, H, W)`, prefix tokens dropped."""
     return x[:, num_prefix_tokens:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
+
+
+def block_intermediates(
+    x: torch.Tensor,
+    run_block: Callable[[int, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]],
+    num_blocks: int,
+    take: set[int],
+    *,
+    final_norm: nn.Module,
+    norm: bool,
+    output_fmt: str,
+    num_prefix_tokens: int,
+    grid: tuple[int, int],
+    return_attn: bool,
+) -> Intermediates:
+    """The block loop of a plain (non-hierarchical) encoder, keeping the outputs of blocks in `take`.
+
+    `run_block(i, tokens, need_weights)` runs block `i` and returns `(tokens, attention or None)`;
+    the family decides what else a block needs (relative position bias, grid).
+    """
+    feats, attns = [], []
+    for i in range(num_blocks):
+        x, attn = run_block(i, x, return_attn and i in take)
+        if i in take:
+            y = final_norm(x) if norm else x
+            feats.append(tokens_to_nchw(y, num_prefix_tokens, grid) if output_fmt == "NCHW" else y)
+            if return_attn:
+                attns.append(attn)
+    return Intermediates(final_norm(x), feats, attns)
 
 
 def resolve_indices(indices: int | list[int] | None, num_blocks: int) -> list[int]:

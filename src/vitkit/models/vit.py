@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .contract import Intermediates, VisionModel, check_output_fmt, resolve_indices, tokens_to_nchw
+from .contract import Intermediates, VisionModel, block_intermediates, check_output_fmt, resolve_indices
 from .layers.helpers import classifier_head, to_2tuple
 from .layers import Block, ConvStem, PatchEmbed, resample_abs_pos_embed, sincos_2d_pos_embed
 from .layers.patch_embed import HybridEmbed
@@ -236,18 +236,18 @@ class VisionTransformer(VisionModel):
         take = set(resolve_indices(indices, self.num_blocks))
         H, W = x.shape[-2:]
         gh, gw = H // self.patch_embed.reduction[0], W // self.patch_embed.reduction[1]
-        x = self._embed(x)
-        feats, attns = [], []
-        for i, blk in enumerate(self.blocks):
-            x, attn = blk(x, need_weights=return_attn and i in take)
-            if i in take:
-                y = self.norm(x) if norm else x
-                if output_fmt == "NCHW":
-                    y = tokens_to_nchw(y, self.num_prefix_tokens, (gh, gw))
-                feats.append(y)
-                if return_attn:
-                    attns.append(attn)
-        return Intermediates(self.norm(x), feats, attns)
+        return block_intermediates(
+            self._embed(x),
+            lambda i, t, need_weights: self.blocks[i](t, need_weights=need_weights),
+            self.num_blocks,
+            take,
+            final_norm=self.norm,
+            norm=norm,
+            output_fmt=output_fmt,
+            num_prefix_tokens=self.num_prefix_tokens,
+            grid=(gh, gw),
+            return_attn=return_attn,
+        )
 
 
 # -- variants ---------------------------------------------------------------------------------------
