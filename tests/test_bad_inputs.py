@@ -184,6 +184,15 @@ CONFIG_ERRORS = [  # argv after `vitkit train`, text the one-line error must con
     (["--img-size", "30"], "img_size 30 is not a multiple of patch_size 4"),
     (["--precision", "fp8"], "fp32"),
     (["--augment", "heavy"], "light"),
+    (["--auto-augment", "randomaug"], "trivialaugment"),
+    (["--mixup", "-0.5"], "mixup=-0.5 is invalid: must be >= 0"),
+    (["--layer-decay", "1.5"], "layer_decay=1.5 is invalid: must be in (0, 1]"),
+    (["--accum-steps", "0"], "accum_steps=0 is invalid: must be >= 1"),
+    (["--ema", "1.0"], "ema=1.0 is invalid"),
+    (["--pretrained", "/no/such/run"], "--model must name the architecture"),
+    (["--distill", "hard"], "distill='hard' is invalid: must be none without a --teacher"),
+    (["--teacher", "tv:resnet18"], "needs --teacher-weights"),
+    (["--teacher", "tv:resnet18", "--teacher-weights", "{teacher_3_classes}"], "for the data's 10 classes"),
     (["--model-args", "{dpeth: 3}"], "unknown override 'dpeth'"),
     (["--model-args", "{depth: three}"], "override depth='three'"),
     (["--warmup-epochs", "50"], "warmup_epochs=50.0 is invalid: must be between 0 and epochs"),
@@ -196,6 +205,12 @@ CONFIG_ERRORS = [  # argv after `vitkit train`, text the one-line error must con
 
 @pytest.mark.parametrize("argv, message", CONFIG_ERRORS, ids=[" ".join(a) for a, _ in CONFIG_ERRORS])
 def test_config_errors_are_one_line_without_traceback(tmp_path, capsys, argv, message):
+    if "{teacher_3_classes}" in argv:  # a teacher trained on other classes than the data's
+        from safetensors.torch import save_file
+
+        weights = tmp_path / "teacher.safetensors"
+        save_file(vitkit.create_model("tv:resnet18", num_classes=3, in_chans=1, img_size=28).state_dict(), weights)
+        argv = [str(weights) if a == "{teacher_3_classes}" else a for a in argv]
     assert main(["train", *argv, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
@@ -276,12 +291,15 @@ def test_truncated_checkpoint_falls_back_to_previous(tmp_path, small_run):
         rundir.load_resume_state(run)
 
 
-def test_corrupt_weights_file_names_the_file(tmp_path, small_run):
+@pytest.mark.parametrize("name, weights", [(rundir.WEIGHTS, "raw"), (rundir.EMA_WEIGHTS, "auto")])
+def test_corrupt_weights_file_names_the_file(tmp_path, small_run, name, weights):
     run = _copy_run(small_run, tmp_path / "run")
-    (run / rundir.WEIGHTS).write_bytes(b"\x00" * 64)
-    with pytest.raises(ValueError, match="cannot read weights from .*model.safetensors"):
-        vitkit.load_run(run)
-    assert main(["eval", str(run)]) == 2
+    assert (run / rundir.EMA_WEIGHTS).exists()  # runs keep EMA weights by default; load_run prefers them
+    (run / name).write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match=f"cannot read weights from .*{name}"):
+        vitkit.load_run(run, weights=weights)
+    if weights == "auto":
+        assert main(["eval", str(run)]) == 2
 
 
 def test_mismatched_weights_list_the_keys(tmp_path, small_run):

@@ -44,7 +44,7 @@ def test_runtime_precision_rules():
 
 def test_train_writes_run_dir_and_reloads_identically(tmp_path):
     run_dir = train(TrainConfig(**FAST, out=str(tmp_path / "run")))
-    for f in ("config.yaml", "model.safetensors", "checkpoint.pt", "metrics.jsonl", "curves.png"):
+    for f in ("config.yaml", "model.safetensors", "model_ema.safetensors", "checkpoint.pt", "metrics.jsonl", "curves.png"):
         assert (run_dir / f).exists(), f
     rows = rundir.read_metrics(run_dir)
     assert [r["epoch"] for r in rows] == [0, 1] and {"train_loss", "val_acc1", "val_acc5", "lr"} <= set(rows[0])
@@ -52,7 +52,7 @@ def test_train_writes_run_dir_and_reloads_identically(tmp_path):
     assert cfg["data"]["classes"] == [str(i) for i in range(10)] and cfg["data"]["img_size"] == [16, 16]
     run = load_run(run_dir)
     x = torch.randn(3, 1, 16, 16)
-    weights = load_file(run_dir / "model.safetensors")
+    weights = load_file(run_dir / "model_ema.safetensors")  # a run with EMA is used through its EMA weights
     fresh = vitkit.create_model("vit_pico_conv4_28", num_classes=10, in_chans=1, img_size=16).eval()
     fresh.load_state_dict(weights)
     assert torch.equal(run.model(x), fresh(x))

@@ -10,6 +10,8 @@ from vitkit.models.layers import resample_abs_pos_embed, sincos_2d_pos_embed
 
 def _tiny_size(name: str) -> int:
     cfg = get_model_entry(name).config
+    if get_model_entry(name).family == "cnn":
+        return 32
     return 2 * getattr(cfg, "reduction", cfg.patch_size)  # a 2x2 token grid: full width and depth, tiny sequence
 
 
@@ -31,9 +33,13 @@ def test_every_variant_forward_backward_contract_and_round_trip(name):
         logits = model(x)
         assert torch.allclose(model.forward_head(model.forward_features(x)), logits, atol=1e-6)
         assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, model.num_features)
-        inter = model.forward_intermediates(x, indices=[0, -1], return_attn=True)
-        assert len(inter.intermediates) == len(inter.attentions) == (1 if model.num_blocks == 1 else 2)
-        assert all(t.ndim == 4 and t.shape[0] == 2 for t in inter.intermediates)
+        if get_model_entry(name).family == "cnn":  # teachers: no blocks, and they say so
+            with pytest.raises(ValueError, match="no transformer blocks"):
+                model.forward_intermediates(x, indices=[0, -1], return_attn=True)
+        else:
+            inter = model.forward_intermediates(x, indices=[0, -1], return_attn=True)
+            assert len(inter.intermediates) == len(inter.attentions) == (1 if model.num_blocks == 1 else 2)
+            assert all(t.ndim == 4 and t.shape[0] == 2 for t in inter.intermediates)
         # Save and load: a fresh model with the same weights gives the same logits.
         clone = vitkit.create_model(name, num_classes=7, img_size=size).eval()
         clone.load_state_dict(model.state_dict())

@@ -1,10 +1,16 @@
 """Data sets, preprocessing and loaders."""
 
-from .datasets import BUILTIN, IMG_EXTENSIONS, TORCHVISION, DataBundle, FolderSplit, TensorSplit, load_data
+from .augment import PRESETS, AugmentSpec, BatchMix, resolve_augment
+from .datasets import BUILTIN, IMG_EXTENSIONS, TORCHVISION, DataBundle, FolderSplit, TensorSplit, load_data, subset_split
 from .loader import FolderLoader, TensorLoader, make_loader
 from .transforms import check_image, eval_transform, load_image, train_transform
 
 __all__ = [
+    "PRESETS",
+    "AugmentSpec",
+    "BatchMix",
+    "resolve_augment",
+    "subset_split",
     "BUILTIN",
     "IMG_EXTENSIONS",
     "TORCHVISION",

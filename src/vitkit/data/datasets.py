@@ -216,6 +216,21 @@ def _split_per_class(labels: list[int], val_fraction: float, seed: int) -> tuple
     return sorted(train), sorted(val)
 
 
+def subset_split(split: TensorSplit | FolderSplit, size: float, seed: int) -> TensorSplit | FolderSplit:
+    """A seeded, stratified part of a split: `size` < 1 is a fraction, >= 1 a number of images
+    (low-label experiments: e.g. 10% of the labels, or 1,000 training images)."""
+    n = len(split)
+    k = round(size * n) if size < 1 else int(size)
+    if not 0 < k <= n:
+        raise ValueError(f"train_subset={size} asks for {k} of {n} training images")
+    labels = split.labels.tolist() if isinstance(split, TensorSplit) else list(split.labels)
+    _, keep = _split_per_class(labels, k / n, seed)
+    if isinstance(split, TensorSplit):
+        idx = torch.tensor(keep)
+        return TensorSplit(split.images[idx], split.labels[idx])
+    return FolderSplit([split.files[i] for i in keep], [split.labels[i] for i in keep], split.mode)
+
+
 def _folder(root: Path, *, seed: int, val_fraction: float, strict: bool) -> DataBundle:
     """`ROOT/CLASS/*.png`, or `ROOT/train/CLASS/...` and `ROOT/val/CLASS/...`."""
     skipped: list[tuple[str, str]] = []
@@ -250,6 +265,60 @@ def _folder(root: Path, *, seed: int, val_fraction: float, strict: bool) -> Data
         classes=classes,
         train=FolderSplit(tr_files, tr_labels, mode),
         val=FolderSplit(va_files, va_labels, mode),
+        in_chans=in_chans,
+        mean=mean,
+        std=std,
+        hflip=True,
+        skipped=skipped,
+    )
+
+
+def load_unlabeled(source: str, *, seed: int = 0, val_fraction: float = 0.05, strict: bool = False) -> DataBundle:
+    """Images without labels, for self-supervised pre-training.
+
+    A built-in or torchvision name loads as in `load_data` (its labels are simply not used). A
+    folder may be flat (`ROOT/*.png`) or hold subfolders at any depth, whose names are ignored;
+    with `ROOT/train` and `ROOT/val`, those are the splits, else a seeded `val_fraction` is held out
+    (none when there is a single image). Every label is 0 and `classes` is empty.
+    """
+    path = Path(source).expanduser()
+    if source in BUILTIN or source.lower() in TORCHVISION or not path.is_dir():
+        return load_data(source, seed=seed, val_fraction=val_fraction, strict=strict)
+    skipped: list[tuple[str, str]] = []
+
+    def usable(folder: Path) -> tuple[list[Path], list[str]]:
+        files, modes = [], []
+        for p in _list_images(folder):
+            try:
+                modes.append(check_image(p))
+                files.append(p)
+            except ValueError as e:
+                if strict:
+                    raise ValueError(f"damaged image (strict mode): {e}") from e
+                skipped.append((str(p), str(e.__cause__ or e)))
+        return files, modes
+
+    if (path / "train").is_dir() and (path / "val").is_dir():
+        (tr_files, tr_modes), (va_files, va_modes) = usable(path / "train"), usable(path / "val")
+    else:
+        files, modes = usable(path)
+        order = np.random.default_rng(seed).permutation(len(files))
+        k = 0 if len(files) < 2 else min(len(files) - 1, max(1, round(len(files) * val_fraction)))
+        tr, va = sorted(order[k:]), sorted(order[:k])
+        tr_files, va_files = [files[i] for i in tr], [files[i] for i in va]
+        tr_modes, va_modes = [modes[i] for i in tr], [modes[i] for i in va]
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} damaged images under {path}, e.g. {skipped[0][0]}: {skipped[0][1]}")
+    if not tr_files:
+        raise ValueError(f"no usable images ({', '.join(IMG_EXTENSIONS)}) under {path}")
+    in_chans = 1 if all(m in GRAY_MODES for m in tr_modes + va_modes) else 3
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,), (0.5,))
+    mode = "L" if in_chans == 1 else "RGB"
+    return DataBundle(
+        name=str(path),
+        classes=[],
+        train=FolderSplit(tr_files, [0] * len(tr_files), mode),
+        val=FolderSplit(va_files, [0] * len(va_files), mode),
         in_chans=in_chans,
         mean=mean,
         std=std,

@@ -1,7 +1,8 @@
 """Batches for training and evaluation.
 
 `TensorLoader` is the fast path for data held in memory: it indexes a uint8 tensor and augments
-the whole batch at once (random translation, flips), so on a 2-core machine no worker processes
+the whole batch at once (random translation, flips, erasing; Mixup/CutMix follow in the
+engine), so on a 2-core machine no worker processes
 compete with the model for the cores. Image folders go through a `DataLoader` with per-image
 torchvision transforms. Both are deterministic given `(seed, epoch)`, which makes `--resume` exact.
 """
@@ -12,13 +13,23 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision.transforms import v2
 
+from .augment import AugmentSpec, apply_per_image, image_policy, resolve_augment
 from .datasets import FolderSplit, TensorSplit
 from .transforms import eval_transform, load_image, train_transform
 
 
 class TensorLoader:
+    """Batches from a uint8 tensor, augmented a whole batch at a time.
+
+    Under `torch.distributed`, every rank draws the same permutation and the same augmentation
+    parameters for the global batch (`batch_size * world_size`) and keeps its own slice, so N ranks
+    see exactly what one process would with the global batch. Evaluation shards the images without
+    padding, so reduced metrics count every image once.
+    """
+
     def __init__(
         self,
         split: TensorSplit,
@@ -28,16 +39,22 @@ class TensorLoader:
         mean: tuple[float, ...],
         std: tuple[float, ...],
         train: bool,
-        augment: str = "light",
+        augment: AugmentSpec | str = "light",
         hflip: bool = False,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         images = split.images
         if tuple(images.shape[-2:]) != tuple(img_size):  # resize once, not every batch
             images = F.interpolate(images.float(), size=img_size, mode="bilinear", antialias=True, align_corners=False)
             images = images.round().clamp(0, 255).to(torch.uint8)
         self.images, self.labels = images, split.labels
-        self.batch_size, self.train, self.augment, self.hflip, self.seed = batch_size, train, augment, hflip, seed
+        self.batch_size, self.train, self.hflip, self.seed = batch_size, train, hflip, seed
+        self.spec = resolve_augment(augment) if isinstance(augment, str) else augment
+        self.policy = image_policy(self.spec.policy)
+        self.erasing = v2.RandomErasing(p=self.spec.random_erasing, value=0) if self.spec.random_erasing else None
+        self.rank, self.world_size = rank, world_size
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.epoch = 0
@@ -48,34 +65,54 @@ class TensorLoader:
 
     def __len__(self) -> int:
         n = len(self.labels)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        if self.train:
+            return n // (self.batch_size * self.world_size)
+        return -(-len(range(self.rank, n, self.world_size)) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         n = len(self.labels)
-        order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
+        if not self.train:
+            order = torch.arange(self.rank, n, self.world_size)
+            for i in range(len(self)):
+                idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+                yield self._normalize(self.images[idx]), self.labels[idx]
+            return
+        order = torch.randperm(n, generator=g)
+        gb = self.batch_size * self.world_size
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         for i in range(len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            x = self.images[idx].float().div_(255)
-            if self.train and self.augment != "none":
-                x = self._augment(x, g)
-            yield (x - self.mean) / self.std, self.labels[idx]
+            idx = order[i * gb : (i + 1) * gb]
+            x = self.images[idx]
+            # Draw the global batch's random parameters on every rank, then keep this rank's slice.
+            shifts = torch.randint(0, 2 * self.max_shift + 1, (2, gb), generator=g)[:, mine]
+            flips = (torch.rand(gb, generator=g) < 0.5)[mine]
+            x = x[mine]
+            if self.policy is not None:  # per image, on uint8 pixels as the policies expect
+                x = apply_per_image(self.policy, x)
+            x = self._normalize(x)
+            if self.spec.crop:
+                x = self._translate(x, shifts)
+            if self.hflip:
+                x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+            if self.erasing is not None:
+                x = apply_per_image(self.erasing, x)
+            yield x, self.labels[idx[mine]]
 
-    def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float().div_(255) - self.mean) / self.std
+
+    def _translate(self, x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+        """Random translation: pad with the normalised black level, then a per-sample crop gathered in one go."""
         B, C, H, W = x.shape
         s = self.max_shift
-        # Random translation: zero-pad, then a per-sample crop gathered in one go.
-        x = F.pad(x, (s, s, s, s))
-        dy = torch.randint(0, 2 * s + 1, (B,), generator=g)
-        dx = torch.randint(0, 2 * s + 1, (B,), generator=g)
+        black = (-self.mean / self.std).view(1, C, 1, 1)
+        x = F.pad(x - black, (s, s, s, s)) + black
+        dy, dx = shifts
         rows = (dy[:, None] + torch.arange(H))[:, None, :, None].expand(B, C, H, W + 2 * s)
         x = x.gather(2, rows)
         cols = (dx[:, None] + torch.arange(W))[:, None, None, :].expand(B, C, H, W)
-        x = x.gather(3, cols)
-        if self.hflip:
-            flip = torch.rand(B, generator=g) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x
+        return x.gather(3, cols)
 
 
 class _FolderDataset(Dataset):
@@ -90,18 +127,30 @@ class _FolderDataset(Dataset):
 
 
 class FolderLoader:
-    """A `DataLoader` over image files whose shuffling is reseeded every epoch."""
+    """A `DataLoader` over image files whose shuffling is reseeded every epoch.
 
-    def __init__(self, split: FolderSplit, *, batch_size, img_size, mean, std, train, augment="light", hflip=True,
-                 seed: int = 0, num_workers: int = 2) -> None:
-        tf = train_transform(img_size, mean, std, augment=augment, hflip=hflip) if train else eval_transform(img_size, mean, std)
+    Under `torch.distributed`, training uses a `DistributedSampler` (same seed on every rank,
+    reshuffled per epoch); evaluation gives each rank every `world_size`-th image, unpadded.
+    """
+
+    def __init__(self, split: FolderSplit, *, batch_size, img_size, mean, std, train, augment: AugmentSpec | str = "light",
+                 hflip=True, seed: int = 0, num_workers: int = 2, rank: int = 0, world_size: int = 1) -> None:
+        spec = resolve_augment(augment) if isinstance(augment, str) else augment
+        tf = train_transform(img_size, mean, std, augment=spec, hflip=hflip) if train else eval_transform(img_size, mean, std)
+        dataset = _FolderDataset(split, tf)
         self.generator = torch.Generator()
         self.seed, self.epoch = seed, 0
+        self.sampler = None
+        if world_size > 1 and train:
+            self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        elif world_size > 1:
+            dataset = Subset(dataset, range(rank, len(dataset), world_size))
         self.loader = DataLoader(
-            _FolderDataset(split, tf),
+            dataset,
             batch_size=batch_size,
-            shuffle=train,
-            drop_last=train and len(split) > batch_size,
+            shuffle=train and self.sampler is None,
+            sampler=self.sampler,
+            drop_last=train and len(split) > batch_size * world_size,
             num_workers=num_workers,
             generator=self.generator,
             persistent_workers=False,
@@ -109,6 +158,8 @@ class FolderLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -9,6 +9,8 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
+from .augment import AugmentSpec, image_policy
+
 
 # Single-channel modes: 1-bit, 8-bit, with alpha, 16/32-bit integer and float greyscale.
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
@@ -52,15 +54,27 @@ def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
 
 
 def train_transform(
-    img_size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...], *, augment: str, hflip: bool
+    img_size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...], *, augment: AugmentSpec, hflip: bool
 ) -> v2.Transform:
-    """'light': random resized crop (scale 0.5-1) and, where labels allow, horizontal flips."""
-    if augment == "none":
+    """Random resized crop (scale 0.5-1; 0.08-1 with a policy, as DeiT), flips where labels allow,
+    the preset's policy on uint8 pixels, then normalisation and random erasing."""
+    if not augment.crop and augment.policy == "none" and not augment.random_erasing and not hflip:
         return eval_transform(img_size, mean, std)
-    ops: list[v2.Transform] = [v2.ToImage(), v2.RandomResizedCrop(img_size, scale=(0.5, 1.0), antialias=True)]
+    ops: list[v2.Transform] = [v2.ToImage()]
+    if augment.crop:
+        scale = (0.08, 1.0) if augment.policy != "none" else (0.5, 1.0)
+        ops.append(v2.RandomResizedCrop(img_size, scale=scale, antialias=True))
+    else:
+        ops += [v2.Resize(min(img_size), antialias=True), v2.CenterCrop(img_size)]
     if hflip:
         ops.append(v2.RandomHorizontalFlip())
-    return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    policy = image_policy(augment.policy)
+    if policy is not None:
+        ops.append(policy)
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if augment.random_erasing:
+        ops.append(v2.RandomErasing(p=augment.random_erasing, value=0))
+    return v2.Compose(ops)
 
 
 def eval_transform(img_size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Transform:

@@ -56,12 +56,21 @@ class Run:
         return results
 
 
-def load_run(path: str | Path, device: str = "cpu") -> Run:
-    """Rebuild a run's model from `config.yaml` and `model.safetensors`, in eval mode."""
+def load_run(path: str | Path, device: str = "cpu", weights: str = "auto") -> Run:
+    """Rebuild a run's model from `config.yaml` and its weights, in eval mode.
+
+    weights: "ema" (`model_ema.safetensors`), "raw" (`model.safetensors`) or "auto": the EMA
+    weights when the run kept them, since they are what a run with EMA is trained to deliver.
+    """
     path = Path(path)
+    if weights not in ("auto", "ema", "raw"):
+        raise ValueError(f"weights must be auto, ema or raw, got {weights!r}")
     config = rundir.read_config(path)
     model = create_model(config["model"]["name"], **config["model"]["args"])
-    load_weights(model, path / rundir.WEIGHTS)
+    use_ema = weights == "ema" or (weights == "auto" and (path / rundir.EMA_WEIGHTS).exists())
+    if weights == "ema" and not (path / rundir.EMA_WEIGHTS).exists():
+        raise FileNotFoundError(f"{path} has no EMA weights ({rundir.EMA_WEIGHTS}); the run was trained without --ema")
+    load_weights(model, path / (rundir.EMA_WEIGHTS if use_ema else rundir.WEIGHTS))
     dev = Runtime(device).device
     return Run(path, model.to(dev).eval(), config, list(config["data"]["classes"]), dev)
 
@@ -79,13 +88,20 @@ def expand_images(paths: list[str | Path]) -> list[Path]:
     return out
 
 
-def evaluate_run(path: str | Path, data: str | None = None, *, batch_size: int = 256, device: str = "cpu") -> dict[str, Any]:
+def evaluate_run(
+    path: str | Path, data: str | None = None, *, batch_size: int = 256, device: str = "cpu", tta: bool | None = None,
+    weights: str = "auto", report_dir: str | Path | None = None,
+) -> dict[str, Any]:
     """Top-1, top-5 and loss of a run on its validation split, or on `data`; written to RUN/eval.json.
 
-    `data` may be a data-set name (its test split is used) or a folder: `FOLDER/val` when present,
+    `report_dir`: also write the full report there (per-class metrics, confusion matrix,
+    calibration, most confidently wrong images, HTML page; see `vitkit.engine.report`).
+
+    `tta` (flip averaging) defaults to the run's setting. `data` may be a data-set name (its test
+    split is used) or a folder: `FOLDER/val` when present,
     otherwise every image under `FOLDER/CLASS/`. Its class names must match the run's.
     """
-    run = load_run(path, device)
+    run = load_run(path, device, weights)
     cfg, d = run.config["train"], run.config["data"]
     source = data or cfg["data"]
     folder = Path(source)
@@ -101,7 +117,15 @@ def evaluate_run(path: str | Path, data: str | None = None, *, batch_size: int =
         raise ValueError(f"no images to evaluate in {source}")
     loader = make_loader(split, train=False, batch_size=batch_size, img_size=run.img_size, mean=tuple(d["mean"]),
                          std=tuple(d["std"]), num_workers=cfg.get("num_workers", 0))
-    result = evaluate(run.model, loader, Runtime(device))
+    if tta is None:
+        tta = bool(cfg.get("tta"))  # resolved and saved by `train`
+    result = evaluate(run.model, loader, Runtime(device), tta_flip=tta, return_outputs=report_dir is not None)
+    outputs = {k: result.pop(k) for k in ("logits", "targets") if k in result}
     result = {"run": str(path), "data": source, **result}
     rundir.atomic_write(Path(path) / "eval.json", (json.dumps(result, indent=2) + "\n").encode())
+    if report_dir is not None:
+        from .report import split_images, write_report
+
+        write_report(report_dir, outputs["logits"], outputs["targets"], run.classes, images=split_images(split),
+                     curves=Path(path) / rundir.CURVES, summary=result)
     return result

@@ -7,27 +7,60 @@ import math
 import torch
 from torch import nn
 
+from ..models.contract import transformer_block_names
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weights, and the rest (norms, biases, position embeddings, tokens).
+
+def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """Each parameter's depth for layer-wise lr decay, and the number of blocks L.
+
+    Blocks are the model's `transformer_block_names` (timm's naming), in forward order. Depth 0: the stem and embeddings (parameters
+    before the first block); i: the i-th block; parameters between blocks (Swin patch merging, a CvT
+    stage's embedding) go with the next block; parameters after the last block (final norm, head) get
+    L + 1.
+    """
+    index = {b + ".": i + 1 for i, b in enumerate(transformer_block_names(model))}
+    L, ids, current = len(index), {}, 0
+    for n, _ in model.named_parameters():
+        block = next((b for b in index if n.startswith(b)), None)
+        if block is not None:
+            current = index[block]
+            ids[n] = current
+        else:  # stem before the first block, then the next block's depth, L + 1 after the last
+            ids[n] = 0 if current == 0 else min(current + 1, L + 1)
+    return ids, L
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups: decayed weights and the rest (norms, biases, position embeddings, tokens),
+    each split by depth when `layer_decay < 1` (`lr_scale` = layer_decay ** (L + 1 - depth)).
 
     Decaying a LayerNorm gain or a position table pulls it towards zero for no benefit; the
     model names its own exemptions through `no_weight_decay()`.
     """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    ids, L = layer_ids(model) if layer_decay < 1 else ({}, 0)
+    if L == 0:  # no transformer blocks (a CNN teacher): nothing to decay by depth
+        layer_decay = 1.0
+    groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name in skip or name.split(".")[-1] in skip:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim <= 1 or name in skip or name.split(".")[-1] in skip
+        depth = ids.get(name, 0)
+        group = groups.setdefault((depth, no_decay), {
+            "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+            "lr_scale": layer_decay ** (L + 1 - depth) if layer_decay < 1 else 1.0,
+        })
+        group["params"].append(p)
+    if layer_decay >= 1:  # the two plain groups, always both present (decayed first)
+        for key in ((0, False), (0, True)):
+            groups.setdefault(key, {"params": [], "weight_decay": 0.0 if key[1] else weight_decay, "lr_scale": 1.0})
+        return [groups[(0, False)], groups[(0, True)]]
+    return [groups[k] for k in sorted(groups)]
 
 
-def create_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999))
+def create_optimizer(model: nn.Module, lr: float, weight_decay: float, layer_decay: float = 1.0) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr, betas=(0.9, 0.999))
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:

@@ -3,6 +3,7 @@
     RUN/
       config.yaml        training config + what rebuilds the model and its preprocessing
       model.safetensors  the latest weights (safetensors: loading runs no code)
+      model_ema.safetensors  their exponential moving average, when the run keeps one
       checkpoint.pt      training state for --resume (tensors and plain values only)
       checkpoint-prev.pt the one before, the fallback when the latest cannot be read
       skipped_files.txt  damaged images left out of the data, with the reason
@@ -27,6 +28,7 @@ from safetensors.torch import save
 
 CONFIG = "config.yaml"
 WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "model_ema.safetensors"
 CHECKPOINT = "checkpoint.pt"
 PREV_CHECKPOINT = "checkpoint-prev.pt"
 SKIPPED = "skipped_files.txt"
@@ -148,6 +150,9 @@ def plot_curves(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     a.set(xlabel="epoch", ylabel="loss", title="loss")
     b.plot(ep, [r["train_acc1"] for r in rows], label="train")
     b.plot(ep, [r["val_acc1"] for r in rows], label="val")
+    if all("val_acc1_ema" in r for r in rows):
+        a.plot(ep, [r["val_loss_ema"] for r in rows], label="val (EMA)")
+        b.plot(ep, [r["val_acc1_ema"] for r in rows], label="val (EMA)")
     b.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy")
     for ax in (a, b):
         ax.grid(alpha=0.3)

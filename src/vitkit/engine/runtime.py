@@ -3,33 +3,92 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+# bf16 autocast pays off once the matrix products are large; on tiny models the casts and the
+# fp32 norms cost more than the faster matmuls save. Measured on a 2-core AVX-512-bf16 CPU
+# (docs/recipes.md): 0.3M-param ViT 0.8x slower in bf16, ViT-S/16 (22M) 1.6x faster.
+BF16_MIN_PARAMS = 5_000_000
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((probe and probe()) or (amx and amx()))
+
+
+def auto_precision(device: torch.device | str, model: nn.Module | None = None) -> str:
+    """The precision `--precision auto` picks: bf16 on GPUs that support it and on CPUs with bf16
+    instructions when the model is large enough to gain from it; fp32 otherwise."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    big = model is None or sum(p.numel() for p in model.parameters()) >= BF16_MIN_PARAMS
+    return "bf16" if device.type == "cpu" and big and cpu_has_bf16() else "fp32"
+
+
+def torchrun_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as set by torchrun; (0, 1, 0) outside it."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
 class Runtime:
-    """Where tensors live and how the forward/backward pass runs.
+    """Where tensors live, how the forward/backward pass runs, and how processes cooperate.
 
+    Precision:
+    - `auto`: `auto_precision(device, model)`.
     - `fp32`: plain.
     - `bf16`: autocast to bfloat16 (CPU with bf16 instructions, or CUDA); no scaler is needed
       because bf16 has fp32's exponent range.
     - `fp16`: CUDA autocast with a gradient scaler, which multiplies the loss so small gradients
       do not underflow, and skips steps whose gradients overflowed.
+
+    Distribution (`distributed=True` under torchrun, i.e. WORLD_SIZE > 1): one process per device;
+    nccl on GPUs (process i uses cuda:LOCAL_RANK), gloo on CPUs. `wrap` returns the model in
+    DistributedDataParallel, which averages gradients over processes during backward.
     """
 
-    def __init__(self, device: str = "auto", precision: str = "fp32") -> None:
+    def __init__(
+        self, device: str = "auto", precision: str = "fp32", model: nn.Module | None = None, *, distributed: bool = False
+    ) -> None:
+        self.rank, self.world_size, local_rank = torchrun_env() if distributed else (0, 1, 0)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} was asked for, but CUDA is not available")
+        if self.world_size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        if precision == "auto":
+            precision = auto_precision(self.device, model)
         if precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
         if precision == "fp16" and self.device.type != "cuda":
             raise ValueError("fp16 needs a CUDA device (CPU autocast is bf16); use --precision bf16 or fp32")
         self.precision = precision
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes files and prints progress."""
+        return self.rank == 0
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model for training steps: DistributedDataParallel across processes, else itself."""
+        if self.world_size == 1:
+            return model
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
@@ -41,23 +100,49 @@ class Runtime:
         non_blocking = self.device.type == "cuda"
         return tuple(t.to(self.device, non_blocking=non_blocking) for t in tensors)
 
+    def no_sync(self, model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+        """Skip DDP's gradient all-reduce on the micro-batches of an accumulation that are not its last."""
+        return model.no_sync() if skip and isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, clip_grad: float | None) -> None:
+        """Optional gradient-norm clipping (on unscaled gradients), optimizer step, zero the gradients."""
+        if self.scaler is not None and clip_grad:
+            self.scaler.unscale_(optimizer)
+        if clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
     def backward_step(
         self, loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, clip_grad: float | None
     ) -> None:
-        """Backward, optional gradient-norm clipping (on unscaled gradients), optimizer step."""
+        """Backward and step for one batch (no accumulation)."""
         optimizer.zero_grad(set_to_none=True)
-        if self.scaler is None:
-            loss.backward()
-            if clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            optimizer.step()
-            return
-        self.scaler.scale(loss).backward()
-        if clip_grad:
-            self.scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        self.scaler.step(optimizer)
-        self.scaler.update()
+        self.backward(loss)
+        self.step(model, optimizer, clip_grad)
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of `values` over all processes (float64 on the CPU/GPU the group uses)."""
+        if self.world_size == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
     def state_dict(self) -> dict:
         return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}

@@ -87,6 +87,7 @@ class VisionTransformer(VisionModel):
         self.num_features = D
         self.global_pool = cfg.global_pool
         self.num_prefix_tokens = int(cfg.class_token) + int(cfg.distilled)
+        self.separate_heads = False  # DeiT in eval mode: both heads' logits instead of their average
         self.grid = (to_2tuple(cfg.img_size)[0] // cfg.reduction, to_2tuple(cfg.img_size)[1] // cfg.reduction)
 
         if cfg.embed_layer == "hybrid":
@@ -195,8 +196,14 @@ class VisionTransformer(VisionModel):
         # Any input size that is a multiple of the patch: resample the learned table on the fly.
         return resample_abs_pos_embed(self.pos_embed, grid, self.grid, self.num_prefix_tokens)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._embed(x)
+    def forward_features(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """All tokens `(B, prefix + N, D)`. With `ids_keep` `(B, K)` (patch indices), the blocks see
+        the prefix tokens and those K patches only: the encoder of a masked autoencoder (He et al. 2022)."""
+        x = self._embed(x)  # position embeddings are added before the selection, so kept patches keep theirs
+        if ids_keep is not None:
+            P = self.num_prefix_tokens
+            kept = x[:, P:].gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
+            x = torch.cat([x[:, :P], kept], dim=1)
         for blk in self.blocks:
             x, _ = blk(x)
         return self.norm(x)
@@ -216,8 +223,9 @@ class VisionTransformer(VisionModel):
             if pre_logits:
                 return (cls + dist) / 2
             logits, logits_dist = self.head(cls), self.head_dist(dist)
-            # Training returns both heads (the distillation loss needs them); inference averages them.
-            if self.training:
+            # Training returns both heads (the distillation loss needs them); inference averages them
+            # unless `separate_heads` asks for both (evaluation reports each head).
+            if self.training or self.separate_heads:
                 return logits, logits_dist
             return (logits + logits_dist) / 2
         x = self.head_drop(self.fc_norm(pooled))

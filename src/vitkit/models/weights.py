@@ -62,8 +62,9 @@ def load_state(
 ) -> None:
     """Load a state dict in vitkit's names, with the head reset and key checks of `load_weights`."""
     own = model.state_dict()
+    heads = tuple(getattr(model, "head_prefixes", ("head.", "head_dist.")))
     if reset_head:
-        skipped = [k for k in state if k.startswith(("head.", "head_dist.")) and k in own and state[k].shape != own[k].shape]
+        skipped = [k for k in state if k.startswith(heads) and k in own and state[k].shape != own[k].shape]
         if skipped:
             warnings.warn(f"re-initialising the classifier for the new class count (skipped {', '.join(skipped)})")
         state = {k: v for k, v in state.items() if k not in skipped}
@@ -72,7 +73,7 @@ def load_state(
     except RuntimeError as e:
         raise ValueError(f"weights in {source} do not fit {type(model).__name__}: {e}") from e
     if reset_head:
-        missing = [k for k in missing if not k.startswith(("head.", "head_dist."))]
+        missing = [k for k in missing if not k.startswith(heads)]
     if strict and (missing or unexpected):
         raise ValueError(
             f"weights in {source} do not fit {type(model).__name__}: "

@@ -1,0 +1,106 @@
+"""vitkit vs timm: training throughput (images/s) of ViT-S/16 at batch 64 on the CPU, fp32 and bf16.
+
+Run from the repository root (timm comes with the dev extra: `pip install -e ".[dev]"`):
+
+    python benchmarks/train_throughput.py                  # full run: a few minutes on 2 cores
+    python benchmarks/train_throughput.py --quick          # smoke run, under half a minute
+    python benchmarks/train_throughput.py --json train.json
+
+Both models start from the same weights (timm's random initialisation, loaded into vitkit) and train
+with the same step - vitkit's engine step from `vitkit.benchmark.train_step`: autocast forward,
+cross-entropy, backward, gradient clipping, AdamW - on one fixed random batch. The four cases
+(vitkit/timm x fp32/bf16) are timed in the same process, in interleaved rounds, and the script
+prints the median images/s of each and the ratios. A side's "best" precision is the faster of its
+two; vitkit's default is `--precision auto` as the engine resolves it (`auto_precision`).
+Absolute figures depend on the machine and its load; compare ratios from one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import timm
+import torch
+
+import vitkit
+from vitkit.benchmark import bench_optimizer, interleaved, machine_info, machine_line, median_spread, train_step
+from vitkit.engine.runtime import Runtime, auto_precision
+
+PRECISIONS = ("fp32", "bf16")
+SIDES = ("vitkit", "timm")
+
+
+def build_pair(name: str, **overrides) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """vitkit's model and timm's, with the same weights."""
+    torch.manual_seed(0)
+    peer = timm.create_model(name, pretrained=False, **overrides)
+    ours = vitkit.create_model(name, **overrides)
+    ours.load_state_dict(peer.state_dict())
+    return ours, peer
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vit_small_patch16_224", help="a name that both vitkit and timm know")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed full-batch steps per case before timing")
+    p.add_argument("--target-s", type=float, default=0.25, help="approximate seconds per case and round")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2-block ViT-Ti/16, batch 2, one round")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = p.parse_args(argv)
+
+    overrides = {}
+    if args.quick:
+        args.model, overrides, args.batch, args.rounds, args.warmup = "vit_tiny_patch16_224", {"depth": 2}, 2, 1, 1
+    info = machine_info("cpu")
+    print(f"training throughput, vitkit {vitkit.__version__} vs timm {timm.__version__}: {args.model}"
+          f"{' ' + str(overrides) if overrides else ''}, batch {args.batch}")
+    print(machine_line(info))
+    start = time.perf_counter()
+    ours, peer = build_pair(args.model, **overrides)
+    models = {"vitkit": ours, "timm": peer}
+    c, h, w = 3, *peer.patch_embed.img_size
+    x = torch.randn(args.batch, c, h, w)
+    y = torch.randint(0, peer.num_classes, (args.batch,))
+    # One optimizer per model, shared by its two precisions (its state does not depend on them).
+    opts = {side: bench_optimizer(m) for side, m in models.items()}
+    steps = {}
+    for prec in PRECISIONS:
+        for side in SIDES:
+            runtime = Runtime("cpu", prec)
+            # A batch-2 step first pays the one-off costs (AdamW state, autograd and oneDNN set-up) cheaply.
+            train_step(models[side], x[:2], y[:2], runtime, opts[side])()
+            steps[f"{side} {prec}"] = train_step(models[side], x, y, runtime, opts[side])
+    rates = interleaved(steps, args.batch, warmup=args.warmup, rounds=args.rounds, target_s=args.target_s)
+    ips = {k: median_spread(v) for k, v in rates.items()}
+
+    print(f"\n{'library':<8} {'precision':<9} {'img/s':>8} {'spread':>7}")
+    for key, (med, spread) in ips.items():
+        side, prec = key.split()
+        print(f"{side:<8} {prec:<9} {med:>8.2f} {spread:>7.0%}")
+    best = {side: max(PRECISIONS, key=lambda q: ips[f"{side} {q}"][0]) for side in SIDES}
+    auto = auto_precision("cpu", ours)
+    r = lambda a, b: ips[a][0] / ips[b][0]  # noqa: E731
+    ratios = {f"vitkit/timm {q}": r(f"vitkit {q}", f"timm {q}") for q in PRECISIONS}
+    ratios[f"vitkit best ({best['vitkit']}) / timm best ({best['timm']})"] = r(f"vitkit {best['vitkit']}",
+                                                                              f"timm {best['timm']}")
+    ratios[f"vitkit default (auto -> {auto}) / timm fp32"] = r(f"vitkit {auto}", "timm fp32")
+    print("\nratios (> 1: vitkit faster)")
+    for k, v in ratios.items():
+        print(f"  {k:<44} {v:.2f}")
+    print(f"total {time.perf_counter() - start:.0f} s. Machine-dependent figures; spread = (max - min) / median "
+          "over the rounds.")
+    result = {"model": args.model, "overrides": overrides, "batch": args.batch, "rounds": rates,
+              "images_per_s": {k: v[0] for k, v in ips.items()}, "spread": {k: v[1] for k, v in ips.items()},
+              "best": best, "auto": auto, "ratios": ratios, "machine": info, "timm": timm.__version__}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Serve a run directory or an ONNX export over HTTP, with a web page to try the model.
+
+Needs the `serve` extra (fastapi, uvicorn, python-multipart). `vitkit serve PATH` runs `serve`.
+"""
+
+from .app import BackgroundServer, UploadLimit, create_app, serve
+from .batcher import MicroBatcher
+from .predictor import OnnxPredictor, TorchPredictor, load_predictor
+
+__all__ = [
+    "BackgroundServer",
+    "MicroBatcher",
+    "OnnxPredictor",
+    "TorchPredictor",
+    "UploadLimit",
+    "create_app",
+    "load_predictor",
+    "serve",
+]
