@@ -10,7 +10,7 @@ from PIL import Image
 import vitkit
 from vitkit.cli import main
 from vitkit.data import load_data
-from vitkit.engine import TrainConfig, evaluate, rundir, train
+from vitkit.engine import evaluate, rundir
 from vitkit.engine.distill import DistillationLoss, Teacher, load_teacher
 from vitkit.engine.runtime import Runtime
 
