@@ -10,7 +10,9 @@ SMALL = ["vit_pico_conv4_28", "deit_pico_distilled_conv4_28", "swin_pico_patch2_
 
 @pytest.mark.parametrize("name", SMALL)
 def test_small_variant_learns_digits(tmp_path, name):
-    run_dir = train(TrainConfig(data="digits", model=name, img_size=16 if "swin" not in name else 32, epochs=3,
+    # Swin-pico learns slowest (32 px, windows of 4): 3 epochs left it at the 25% line; 6 reach ~40%.
+    swin = "swin" in name
+    run_dir = train(TrainConfig(data="digits", model=name, img_size=32 if swin else 16, epochs=6 if swin else 3,
                                 warmup_epochs=1, out=str(tmp_path / "run")))
     rows = rundir.read_metrics(run_dir)
     # Three short epochs: far from converged (plain-patch families learn slowest), but well above
