@@ -24,11 +24,22 @@ def _train_parser() -> ArgumentParser:
     return p
 
 
+def _pretrain_parser() -> ArgumentParser:
+    from .pretrain import PretrainConfig
+
+    p = ArgumentParser(description="Self-supervised pre-training (MAE or BEiT) on images without labels; fine-tune "
+                       "the run with `vitkit train --pretrained RUN`.", exit_on_error=False)
+    p.add_argument("--config", action=ActionConfigFile, help="A YAML file of the options below; flags override it.")
+    p.add_class_arguments(PretrainConfig, as_group=False, sub_configs=False)
+    return p
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="vitkit", description="Vision Transformers: train, evaluate, predict.", exit_on_error=False)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subcommands(dest="command", required=True)
     sub.add_subcommand("train", _train_parser(), help="train or resume a run")
+    sub.add_subcommand("pretrain", _pretrain_parser(), help="self-supervised pre-training: MAE or BEiT")
 
     ev = ArgumentParser(description="Top-1, top-5 and loss of a run; written to RUN_DIR/eval.json.", exit_on_error=False)
     ev.add_argument("run_dir", help="a run directory")
@@ -148,6 +159,15 @@ def cmd_train(ns: Namespace) -> int:
 
     run_dir = train(train_config(ns))
     print(f"run saved to {run_dir}")
+    return 0
+
+
+def cmd_pretrain(ns: Namespace) -> int:
+    from .pretrain import PretrainConfig, pretrain
+
+    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
+    run_dir = pretrain(PretrainConfig(**{k: v for k, v in vars(ns).items() if k in fields}))
+    print(f"run saved to {run_dir}; fine-tune it with: vitkit train --pretrained {run_dir} --data ...")
     return 0
 
 
@@ -308,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(e).split())
         print(f"vitkit: error: {msg} (see vitkit --help)", file=sys.stderr)
         return 2
-    commands = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models,
+    commands = {"train": cmd_train, "pretrain": cmd_pretrain, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models,
                 "convert": cmd_convert, "explain": cmd_explain, "export": cmd_export, "serve": cmd_serve, "benchmark": cmd_benchmark}
     try:
         return commands[ns.command](ns[ns.command])
