@@ -83,6 +83,31 @@ def test_explicit_attention_path_matches_fused():
     assert torch.allclose(fused, explicit.features, atol=1e-5)
 
 
+def test_bf16_attention_on_cpu_takes_the_explicit_path_and_agrees_with_fused():
+    """bf16 on a CPU uses explicit matmuls (faster there than the fused kernel); same result within bf16 rounding."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from vitkit.models.layers import attend
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 50, 16) for _ in range(3))
+    bias = torch.randn(3, 50, 50)
+    drop = torch.nn.Dropout(0.0)
+    ref = sdpa(q, k, v, attn_mask=bias)
+    out, attn = attend(*(t.bfloat16() for t in (q, k, v)), 16**-0.5, drop, bias)
+    assert attn is None and out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.05
+    out, attn = attend(*(t.bfloat16() for t in (q, k, v)), 16**-0.5, drop, bias, need_weights=True)
+    assert attn.shape == (2, 3, 50, 50) and torch.allclose(attn.float().sum(-1), torch.ones(2, 3, 50), atol=1e-2)
+    fused, none = attend(q, k, v, 16**-0.5, drop, bias)
+    assert none is None and torch.allclose(fused, ref, atol=1e-6)
+    model = vitkit.create_model("vit_pico_patch4_28").eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x)
+    assert (low.float() - model(x)).abs().max() < 0.1
+
+
 def test_distilled_heads_train_and_eval():
     model = vitkit.create_model("deit_pico_distilled_conv4_28")
     x = torch.randn(4, 1, 28, 28)

@@ -27,11 +27,10 @@ from functools import partial
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .contract import Intermediates, VisionModel, check_output_fmt, resolve_indices, tokens_to_nchw
-from .layers import DropPath, Mlp
+from .layers import DropPath, Mlp, attend
 from .registry import ModelEntry, register_model
 
 
@@ -140,8 +139,8 @@ class ConvAttention(nn.Module):
 
     The shared `layers.Attention` projects q, k and v from one sequence with one fused linear layer
     and assumes as many keys as queries; here each has its own convolution and the keys are
-    subsampled, so this module keeps the same two paths itself: `scaled_dot_product_attention`
-    by default, the explicit softmax returning probabilities with `need_weights`.
+    subsampled, so this module does its own projections and shares only `attend` (fused by default,
+    explicit with `need_weights`).
     """
 
     def __init__(
@@ -187,14 +186,7 @@ class ConvAttention(nn.Module):
         q = self._split_heads(self.proj_q(torch.cat([prefix, self.conv_proj_q(fmap)], dim=1)))  # (B, h, N, Dh)
         k = self._split_heads(self.proj_k(torch.cat([prefix, self.conv_proj_k(fmap)], dim=1)))  # (B, h, Nkv, Dh)
         v = self._split_heads(self.proj_v(torch.cat([prefix, self.conv_proj_v(fmap)], dim=1)))
-        if need_weights:
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, Nkv)
-            x = self.attn_drop(attn) @ v
-        else:
-            attn = None
-            x = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale
-            )
+        x, attn = attend(q, k, v, self.scale, self.attn_drop, need_weights=need_weights)  # attn (B, h, N, Nkv)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x)), attn
 

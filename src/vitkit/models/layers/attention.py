@@ -4,6 +4,12 @@ The fused path (`scaled_dot_product_attention`) is fast but never materialises t
 probabilities. Whoever needs the maps (attention rollout, explain) calls the module with
 `need_weights=True`, which takes the explicit path and returns the probabilities; nothing relies on
 forward hooks that a fused kernel would silently bypass.
+
+bf16 on a CPU also takes the explicit path: there the fused kernel is about twice as slow as two
+bf16 matrix products and a softmax (forward + backward, 50 to 1,025 tokens, torch 2.14 on AVX-512
+bf16; `benchmarks/attention.py`). It is what timm computes with fused attention off: the
+probabilities are rounded to bf16 (the fused kernel keeps them in fp32), and they are held for the
+backward pass, B x H x N x N values per layer.
 """
 
 from __future__ import annotations
@@ -11,6 +17,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    attn_drop: nn.Dropout,
+    attn_bias: torch.Tensor | None = None,
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax(q k^T * scale + bias) v for `(B, H, N, Dh)` queries and `(B, H, Nkv, Dh)` keys/values;
+    returns `(output, probabilities or None)`. Explicit with `need_weights` or bf16 on a CPU, fused otherwise."""
+    if need_weights or (q.dtype == torch.bfloat16 and q.device.type == "cpu"):
+        attn = (q * scale) @ k.transpose(-2, -1)
+        if attn_bias is not None:
+            attn = attn + attn_bias.to(attn.dtype)
+        attn = attn.softmax(dim=-1)
+        x = attn_drop(attn) @ v
+        return x, (attn if need_weights else None)
+    dropout_p = attn_drop.p if attn_drop.training else 0.0
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=scale), None
 
 
 class Attention(nn.Module):
@@ -54,16 +82,6 @@ class Attention(nn.Module):
         B, N, D = x.shape
         qkv = self.project_qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, Dh)
-        if need_weights:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            if attn_bias is not None:
-                attn = attn + attn_bias
-            attn = attn.softmax(dim=-1)
-            x = self.attn_drop(attn) @ v
-        else:
-            attn = None
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_bias, dropout_p=self.attn_drop.p if self.training else 0.0
-            )
+        x, attn = attend(q, k, v, self.scale, self.attn_drop, attn_bias, need_weights)
         x = x.transpose(1, 2).reshape(B, N, D)
         return self.proj_drop(self.proj(x)), attn
