@@ -2,6 +2,9 @@
 through the CLI that fine-tune, resume and write their pictures."""
 
 import json
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -328,6 +331,25 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     again = load_file(full / "model.safetensors")
     assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
     assert len((full / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_torchrun_pretrains_with_two_processes(tmp_path):
+    """gloo on CPU: both processes train, one writes the run, it says so once, and the run fine-tunes."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "vitkit", "pretrain", "--method", "mae", "--data", "digits", "--img-size", "16",
+                          "--epochs", "2", "--batch-size", "32", "--device", "cpu", "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("run saved to") == 1
+    from vitkit.engine import rundir
+
+    assert rundir.read_config(out)["world_size"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[1]["train_loss"] < rows[0]["train_loss"]
+    assert main(["train", "--pretrained", str(out), "--data", "digits", "--img-size", "16", "--epochs", "1",
+                 "--warmup-epochs", "0", "--out", str(tmp_path / "ft")]) == 0
 
 
 def test_bad_options_fail_with_one_line(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -154,11 +155,17 @@ def train_config(ns: Namespace):
     return TrainConfig(**{k: v for k, v in vars(ns).items() if k in fields})
 
 
+def _main_process() -> bool:
+    """False in the other processes of a torchrun job, which would print the same lines again."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def cmd_train(ns: Namespace) -> int:
     from .engine import train
 
     run_dir = train(train_config(ns))
-    print(f"run saved to {run_dir}")
+    if _main_process():
+        print(f"run saved to {run_dir}")
     return 0
 
 
@@ -167,7 +174,8 @@ def cmd_pretrain(ns: Namespace) -> int:
 
     fields = {f.name for f in dataclasses.fields(PretrainConfig)}
     run_dir = pretrain(PretrainConfig(**{k: v for k, v in vars(ns).items() if k in fields}))
-    print(f"run saved to {run_dir}; fine-tune it with: vitkit train --pretrained {run_dir} --data ...")
+    if _main_process():
+        print(f"run saved to {run_dir}; fine-tune it with: vitkit train --pretrained {run_dir} --data ...")
     return 0
 
 

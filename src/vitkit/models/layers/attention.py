@@ -5,9 +5,9 @@ probabilities. Whoever needs the maps (attention rollout, explain) calls the mod
 `need_weights=True`, which takes the explicit path and returns the probabilities; nothing relies on
 forward hooks that a fused kernel would silently bypass.
 
-bf16 on a CPU also takes the explicit path: there the fused kernel is about twice as slow as two
-bf16 matrix products and a softmax (forward + backward, 50 to 1,025 tokens, torch 2.14 on AVX-512
-bf16; `benchmarks/attention.py`). It is what timm computes with fused attention off: the
+bf16 on a CPU also takes the explicit path: there the fused kernel measured 1.3 to 2 times slower
+than two bf16 matrix products and a softmax (forward + backward, 50 to 1,025 tokens, torch 2.14 on
+AVX-512 bf16; `benchmarks/attention.py`). It is what timm computes with fused attention off: the
 probabilities are rounded to bf16 (the fused kernel keeps them in fp32), and they are held for the
 backward pass, B x H x N x N values per layer.
 """
