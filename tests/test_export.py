@@ -38,24 +38,9 @@ INT8_MAX_CHANGE = 2.0
 INT8_MIN_AGREEMENT = 97.0
 
 
-def digits_run(tmp_path_factory):
-    """vit_pico_conv4_28 trained on digits at 16 px for 6 epochs (~94% top-1, ~10 s on one core).
-
-    Trained once per test session and shared with test_serve and test_web_page; trained into a
-    temporary name and renamed, so a half-written run is never reused.
-    """
-    path = tmp_path_factory.getbasetemp() / "digits16-run"
-    if not path.exists():
-        tmp = path.with_name(path.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        vitkit.train(vitkit.TrainConfig(data="digits", img_size=16, epochs=6, num_workers=0, out=str(tmp)))
-        tmp.rename(path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return digits_run(tmp_path_factory)
+def run_dir(digits16_run):
+    return digits16_run  # conftest.py: trained once per session
 
 
 def _spread_weights(model: nn.Module) -> nn.Module:

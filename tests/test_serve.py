@@ -3,7 +3,6 @@
 import asyncio
 import io
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -29,20 +28,9 @@ from vitkit.serve import BackgroundServer, MicroBatcher, create_app, load_predic
 MAX_UPLOAD = 64 * 1024
 
 
-def digits_run(tmp_path_factory):
-    """The run test_export trains (vit_pico_conv4_28, digits, 16 px, 6 epochs), shared per session."""
-    path = tmp_path_factory.getbasetemp() / "digits16-run"
-    if not path.exists():
-        tmp = path.with_name(path.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        vitkit.train(vitkit.TrainConfig(data="digits", img_size=16, epochs=6, num_workers=0, out=str(tmp)))
-        tmp.rename(path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return digits_run(tmp_path_factory)
+def run_dir(digits16_run):
+    return digits16_run  # conftest.py: trained once per session
 
 
 @pytest.fixture(scope="module")

@@ -194,23 +194,31 @@ def cmd_eval(ns: Namespace) -> int:
     return 0
 
 
-def cmd_explain(ns: Namespace) -> int:
-    """Overlays for every readable image; unreadable ones are reported on stderr (exit 1)."""
+def _readable_images(patterns: list[str], command: str) -> tuple[list[Path], int]:
+    """The images `patterns` name that decode, and how many did not (each reported on stderr)."""
     from .data import check_image
-    from .engine import expand_images, load_run
-    from .explain import METHODS, explain_files
+    from .engine import expand_images
 
-    run = load_run(ns.run_dir, ns.device)
     files, bad = [], 0
-    for f in expand_images(ns.images):
+    for f in expand_images(patterns):
         try:
             check_image(f)
             files.append(f)
         except ValueError as e:
-            print(f"vitkit explain: skipped {e}", file=sys.stderr)
+            print(f"vitkit {command}: skipped {e}", file=sys.stderr)
             bad += 1
     if not files:
-        raise ValueError(f"no readable images in {', '.join(ns.images)}")
+        raise ValueError(f"no readable images in {', '.join(patterns)}")
+    return files, bad
+
+
+def cmd_explain(ns: Namespace) -> int:
+    """Overlays for every readable image; unreadable ones are reported on stderr (exit 1)."""
+    from .engine import load_run
+    from .explain import METHODS, explain_files
+
+    run = load_run(ns.run_dir, ns.device)
+    files, bad = _readable_images(ns.images, "explain")
     out = Path(ns.out or Path(ns.run_dir) / "explain")
     methods = METHODS if ns.method == "all" else (ns.method,)
     written = explain_files(run, files, out, methods=methods, head_fusion=ns.head_fusion,
@@ -221,20 +229,10 @@ def cmd_explain(ns: Namespace) -> int:
 
 def cmd_predict(ns: Namespace) -> int:
     """Predict every readable image; report unreadable ones on stderr and exit 1 if there were any."""
-    from .data import check_image
-    from .engine import expand_images, load_run
+    from .engine import load_run
 
     run = load_run(ns.run_dir, ns.device)
-    files, bad = [], 0
-    for f in expand_images(ns.images):
-        try:
-            check_image(f)
-            files.append(f)
-        except ValueError as e:
-            print(f"vitkit predict: skipped {e}", file=sys.stderr)
-            bad += 1
-    if not files:
-        raise ValueError(f"no readable images in {', '.join(ns.images)}")
+    files, bad = _readable_images(ns.images, "predict")
     preds = run.predict(files, topk=ns.topk)
     if ns.json:
         print(json.dumps([{"image": str(f), "top": [{"class": c, "prob": p} for c, p in ps]} for f, ps in zip(files, preds)], indent=2))
