@@ -73,7 +73,7 @@ def main() -> None:
     if args.smoke:
         args.pretrain_epochs = args.finetune_epochs = 1
     methods = args.methods.split(",")
-    ft = dict(data="mnist5k", train_subset=args.labels, epochs=args.finetune_epochs, lr=args.lr, seed=args.seed,
+    ft = dict(data="mnist5k", train_subset=args.labels, epochs=args.finetune_epochs, lr=args.lr, seed=args.seed, batch_size=64,
               warmup_epochs=0 if args.smoke else 2)
     results, t_start = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

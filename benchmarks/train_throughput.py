@@ -5,6 +5,7 @@ Run from the repository root (timm comes with the dev extra: `pip install -e ".[
     python benchmarks/train_throughput.py                  # full run: a few minutes on 2 cores
     python benchmarks/train_throughput.py --quick          # smoke run, under half a minute
     python benchmarks/train_throughput.py --json train.json
+    python benchmarks/train_throughput.py --compile --rounds 5  # + vitkit under torch.compile
 
 Both models start from the same weights (timm's random initialisation, loaded into vitkit) and train
 with the same step - vitkit's engine step from `vitkit.benchmark.train_step`: autocast forward,
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed full-batch steps per case before timing")
     p.add_argument("--target-s", type=float, default=0.25, help="approximate seconds per case and round")
+    p.add_argument("--compile", action="store_true",
+                   help="also time vitkit under torch.compile (what `vitkit train --compile` runs); compiling takes minutes")
     p.add_argument("--quick", action="store_true", help="smoke run: 2-block ViT-Ti/16, batch 2, one round")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
@@ -74,13 +77,21 @@ def main(argv: list[str] | None = None) -> dict:
             # A batch-2 step first pays the one-off costs (AdamW state, autograd and oneDNN set-up) cheaply.
             train_step(models[side], x[:2], y[:2], runtime, opts[side])()
             steps[f"{side} {prec}"] = train_step(models[side], x, y, runtime, opts[side])
-    rates = interleaved(steps, args.batch, warmup=args.warmup, rounds=args.rounds, target_s=args.target_s)
+    if args.compile:
+        # The engine's `--compile`: torch.compile of the same module (same weights and optimizer).
+        # No batch-2 step here: it would compile for a second shape. Compiling happens in the warm-up.
+        compiled = torch.compile(ours)
+        for prec in PRECISIONS:
+            steps[f"vitkit+compile {prec}"] = train_step(compiled, x, y, Runtime("cpu", prec), opts["vitkit"])
+    # Slow steps get one call per round; --rounds sets how many rounds they get too.
+    rates = interleaved(steps, args.batch, warmup=args.warmup, rounds=args.rounds, target_s=args.target_s,
+                        slow_rounds=args.rounds)
     ips = {k: median_spread(v) for k, v in rates.items()}
 
-    print(f"\n{'library':<8} {'precision':<9} {'img/s':>8} {'spread':>7}")
+    print(f"\n{'library':<14} {'precision':<9} {'img/s':>8} {'spread':>7}")
     for key, (med, spread) in ips.items():
         side, prec = key.split()
-        print(f"{side:<8} {prec:<9} {med:>8.2f} {spread:>7.0%}")
+        print(f"{side:<14} {prec:<9} {med:>8.2f} {spread:>7.0%}")
     best = {side: max(PRECISIONS, key=lambda q: ips[f"{side} {q}"][0]) for side in SIDES}
     auto = auto_precision("cpu", ours)
     r = lambda a, b: ips[a][0] / ips[b][0]  # noqa: E731
@@ -88,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     ratios[f"vitkit best ({best['vitkit']}) / timm best ({best['timm']})"] = r(f"vitkit {best['vitkit']}",
                                                                               f"timm {best['timm']}")
     ratios[f"vitkit default (auto -> {auto}) / timm fp32"] = r(f"vitkit {auto}", "timm fp32")
+    if args.compile:
+        ratios.update({f"vitkit --compile / timm {q}": r(f"vitkit+compile {q}", f"timm {q}") for q in PRECISIONS})
     print("\nratios (> 1: vitkit faster)")
     for k, v in ratios.items():
         print(f"  {k:<44} {v:.2f}")

@@ -256,7 +256,8 @@ def _pickled_payload(tmp_path) -> tuple[bytes, Path]:
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "run"
-    return train(TrainConfig(data="digits", img_size=8, model_args={"depth": 1}, epochs=2, warmup_epochs=0, out=str(out)))
+    return train(TrainConfig(data="digits", img_size=8, model_args={"depth": 1}, epochs=2, warmup_epochs=0, batch_size=64,
+                             out=str(out)))
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
@@ -348,7 +349,8 @@ def _nan_at(steps: set[int], monkeypatch):
 
 
 def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypatch):
-    cfg = dict(data="digits", img_size=8, model_args={"depth": 1}, epochs=2, warmup_epochs=0, out=str(tmp_path / "run"))
+    cfg = dict(data="digits", img_size=8, model_args={"depth": 1}, epochs=2, warmup_epochs=0, batch_size=64,
+               out=str(tmp_path / "run"))
     steps_per_epoch = 1437 // 64
     _nan_at({steps_per_epoch + 3}, monkeypatch)
     with pytest.raises(FloatingPointError, match=f"loss is nan at step {steps_per_epoch + 3} \\(epoch 2\\).*--lr.*bf16"):
@@ -357,7 +359,7 @@ def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypat
 
 
 def test_skip_nonfinite_tolerates_a_few_steps(tmp_path, monkeypatch):
-    cfg = dict(data="digits", img_size=8, model_args={"depth": 1}, epochs=1, warmup_epochs=0)
+    cfg = dict(data="digits", img_size=8, model_args={"depth": 1}, epochs=1, warmup_epochs=0, batch_size=64)
     _nan_at({2, 5}, monkeypatch)
     with pytest.warns(UserWarning, match="skipping step 2"):
         run_dir = train(TrainConfig(**cfg, skip_nonfinite=2, out=str(tmp_path / "ok")))

@@ -12,8 +12,8 @@ from vitkit.data import load_data
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
-    assert main(["train", "--data", "digits", "--img-size", "16", "--epochs", "3", "--warmup-epochs", "1",
-                 "--out", str(out)]) == 0
+    assert main(["train", "--data", "digits", "--img-size", "16", "--epochs", "3", "--batch-size", "64",
+                 "--warmup-epochs", "1", "--out", str(out)]) == 0
     return out
 
 

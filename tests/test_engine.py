@@ -95,15 +95,17 @@ def test_bf16_training_step_runs_on_cpu(tmp_path):
 
 def test_short_real_training_reaches_accuracy(tmp_path):
     """Five epochs on mnist5k (about 30 s on 2 cores) must clear 90% on the 1,000 held-out images."""
-    run_dir = train(TrainConfig(epochs=5, warmup_epochs=1, out=str(tmp_path / "mnist")))
+    run_dir = train(TrainConfig(epochs=5, batch_size=64, warmup_epochs=1, out=str(tmp_path / "mnist")))
     assert rundir.read_metrics(run_dir)[-1]["val_acc1"] >= 90.0
 
 
 @pytest.mark.slow
-def test_default_run_reaches_97_percent(tmp_path):
-    """The README's main job: `vitkit train` with its defaults, >= 97% top-1 on the mnist5k test split."""
+def test_default_run_reaches_98_percent(tmp_path):
+    """The README's main job: `vitkit train` with its defaults, >= 98% top-1 on the mnist5k test split
+    (raw and EMA weights; runs of the recipe finish at 98.3-99.1%, docs/recipes.md). ~4.5 min on 2 cores."""
     run_dir = train(TrainConfig(out=str(tmp_path / "default")))
-    assert rundir.read_metrics(run_dir)[-1]["val_acc1"] >= 97.0
+    last = rundir.read_metrics(run_dir)[-1]
+    assert last["val_acc1"] >= 98.0 and last["val_acc1_ema"] >= 98.0
 
 
 def test_fp16_on_cuda_always_gets_a_gradient_scaler(monkeypatch):

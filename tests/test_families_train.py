@@ -13,7 +13,7 @@ def test_small_variant_learns_digits(tmp_path, name):
     # Swin-pico learns slowest (32 px, windows of 4): 3 epochs left it at the 25% line; 6 reach ~40%.
     swin = "swin" in name
     run_dir = train(TrainConfig(data="digits", model=name, img_size=32 if swin else 16, epochs=6 if swin else 3,
-                                warmup_epochs=1, out=str(tmp_path / "run")))
+                                batch_size=64, warmup_epochs=1, out=str(tmp_path / "run")))
     rows = rundir.read_metrics(run_dir)
     # Three short epochs: far from converged (plain-patch families learn slowest), but well above
     # the 10% of chance and improving, which a broken gradient or data path would not be.

@@ -119,7 +119,7 @@ def test_confusion_matrix_readable_with_100_classes():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "run"
-    return train(TrainConfig(data="digits", img_size=16, epochs=2, warmup_epochs=1, out=str(out)))
+    return train(TrainConfig(data="digits", img_size=16, epochs=2, batch_size=64, warmup_epochs=1, out=str(out)))
 
 
 def test_evaluate_run_keeps_its_keys_and_writes_the_report(run_dir, tmp_path):

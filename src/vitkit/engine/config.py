@@ -14,8 +14,8 @@ DEFAULT_MODEL = "vit_pico_conv4_28"
 class TrainConfig:
     """Everything a training run needs; saved as `config.yaml` in the run directory.
 
-    The defaults train `vit_pico_conv4_28` on `mnist5k` to >= 97% test top-1 in a few minutes on
-    two CPU cores.
+    The defaults train `vit_pico_conv4_28` on `mnist5k` to 98.3-99.1% test top-1 (98.7% on
+    average) in about 4.5 minutes on two CPU cores (docs/recipes.md).
     """
 
     data: str = "mnist5k"
@@ -32,11 +32,11 @@ class TrainConfig:
     """With --pretrained: train only the new classifier on frozen features (a linear probe)."""
     img_size: int | None = None
     """Input side in pixels; default: the model's."""
-    epochs: int = 20
-    batch_size: int = 64
+    epochs: int = 40
+    batch_size: int = 32
     lr: float | None = None
-    """Peak learning rate (AdamW) after warmup; default 3e-3 from scratch (tuned for the small
-    models at batch 64; lower it for large ones), 5e-4 when fine-tuning."""
+    """Peak learning rate (AdamW) after warmup; default 2e-3 from scratch (tuned for the small
+    models at batch 32; lower it for large ones), 5e-4 when fine-tuning."""
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     warmup_epochs: float = 2.0
@@ -108,7 +108,7 @@ class TrainConfig:
         # Fine-tuning and from-scratch training want different defaults; resolved here so the
         # saved config.yaml states what was used.
         if self.lr is None:
-            self.lr = 5e-4 if self.pretrained else 3e-3
+            self.lr = 5e-4 if self.pretrained else 2e-3
         if self.layer_decay is None:
             self.layer_decay = 0.75 if self.pretrained else 1.0
         if self.distill is None:

@@ -42,7 +42,7 @@ def _logits(outputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
     return sum(outputs) / len(outputs) if isinstance(outputs, tuple) else outputs
 
 
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """Global-RNG seed of one epoch on one process: resume is exact without saving RNG state, and
     processes differ (drop path, per-image policies, Mixup) while sharing the data order."""
     return (seed * 1_000_003 + epoch * 10_007 + rank) % 2**63
@@ -292,7 +292,7 @@ def train(cfg: TrainConfig) -> Path:
               f"{img_size[0]}x{img_size[1]} px, {runtime.device}{procs} {runtime.precision} -> {run_dir}")
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        torch.manual_seed(_epoch_seed(cfg.seed, epoch, runtime.rank))
+        torch.manual_seed(epoch_seed(cfg.seed, epoch, runtime.rank))
         train_loader.set_epoch(epoch)
         stats = train_one_epoch(train_model, train_loader, optimizer, runtime, lr_at=lr_at, first_step=epoch * steps_per_epoch,
                                 cfg=cfg, nonfinite_before=nonfinite, desc=f"epoch {epoch + 1}/{cfg.epochs}", mix=mix, ema=ema,

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..data import make_loader, resolve_augment
 from ..data.datasets import load_unlabeled
 from ..engine import rundir
-from ..engine.loop import _epoch_seed
+from ..engine.loop import epoch_seed
 from ..engine.optim import create_optimizer, set_lr, warmup_cosine
 from ..engine.runtime import Runtime
 from ..models import create_model, get_model_entry, model_config
@@ -214,7 +214,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
               f"{runtime.precision} -> {run_dir}")
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        torch.manual_seed(_epoch_seed(cfg.seed, epoch, runtime.rank))
+        torch.manual_seed(epoch_seed(cfg.seed, epoch, runtime.rank))
         train_loader.set_epoch(epoch)
         stats = pretrain_one_epoch(train_objective, train_loader, optimizer, runtime, lr_at=lr_at,
                                    first_step=epoch * steps_per_epoch, clip_grad=cfg.clip_grad,
