@@ -32,7 +32,8 @@ peers; a stopped epoch is still evaluated, but a result after the budget does no
 its last epoch, whichever comes first. Speed-up = peer time / vitkit time; when a peer misses
 the target within the budget it is the lower bound budget / vitkit time (">= X"). vitkit is
 judged on its raw weights; the same figures on its EMA weights (what `vitkit eval` and `predict`
-use by default) are printed beside them.
+use by default) are printed beside them, and so is the run's final evaluation (eval.json: EMA
+weights averaged over the default test-time views, the number `vitkit eval RUN` gives).
 
 Absolute times depend on the machine and on what else runs on it: run on a quiet machine and
 compare figures from one run only.
@@ -107,6 +108,7 @@ def run_vitkit(args, target: float, budget: float) -> dict:
         wall = time.perf_counter() - t0
         rows = rundir.read_metrics(run_dir)
         saved = rundir.read_config(run_dir)
+        final_eval = json.loads((run_dir / rundir.EVAL).read_text())  # what `vitkit eval RUN` reports
         params = count_params(load_run(run_dir, weights="raw").model)
     curve, cum = [], 0.0
     for r in rows:
@@ -118,6 +120,7 @@ def run_vitkit(args, target: float, budget: float) -> dict:
         "precision": saved["train"]["precision"],
         "train_call_wall_s": wall,  # set-up + epochs + checkpoint/plot writes
         "overrides": overrides,
+        "final_eval": {k: final_eval[k] for k in ("acc1", "weights", "tta_views")},
     }
     ema = [r["val_acc1_ema"] for r in rows if "val_acc1_ema" in r]
     if ema:
@@ -251,8 +254,11 @@ def print_table(results: dict[str, dict], target: float, budget: float) -> None:
             when = f"{ema['time_to_target_s']:.1f} s" if ema["reached"] else f"not in {budget:g} s"
             print(f"vitkit EMA weights: {target:g}% after {when}, final {v['final_acc1_ema']:.2f}%, "
                   f"best {v['best_acc1_ema']:.2f}%")
+        fe = v["final_eval"]
+        print(f"vitkit final evaluation (eval.json, what `vitkit eval` reports: {fe['weights']} weights, "
+              f"{fe['tta_views']} test-time view{'s' if fe['tta_views'] > 1 else ''}): {fe['acc1']:.2f}%")
         print(f"vitkit: {v['model']} ({v['precision']}); whole train() call {v['train_call_wall_s']:.1f} s, of which "
-              f"{v['epoch_time_s']:.1f} s epoch time (the rest: set-up, checkpoint and plot writes)")
+              f"{v['epoch_time_s']:.1f} s epoch time (the rest: set-up, checkpoint and plot writes, the final evaluation)")
     if any(r["curve"] and r["curve"][-1]["partial"] for r in results.values()):
         print("* the last epoch was stopped at the budget (then evaluated)")
 

@@ -175,6 +175,26 @@ def test_tta_flip_averages_image_and_mirror():
     assert torch.allclose(out["logits"], want, atol=1e-6)
 
 
+def test_tta_views_are_mirrors_and_one_pixel_shifts():
+    from vitkit.engine.loop import tta_views
+
+    x = torch.arange(2 * 1 * 5 * 6, dtype=torch.float).view(2, 1, 5, 6)
+    views = tta_views(x, flip=True, shift=1)
+    assert len(views) == 10 and all(v.shape == x.shape for v in views)
+    assert torch.equal(views[0], x) and torch.equal(views[5], x.flip(-1))
+    down = views[1]  # content moved by one row, the edge row repeated
+    assert torch.equal(down[..., :-1, :], x[..., 1:, :]) and torch.equal(down[..., -1, :], x[..., -1, :])
+    assert torch.equal(views[4][..., 1:], x[..., :-1]) and torch.equal(views[4][..., 0], x[..., 0])
+    assert len(tta_views(x)) == 1 and len(tta_views(x, shift=1)) == 5
+
+    model = vitkit.create_model("vit_pico_conv4_28", num_classes=3, in_chans=1).eval()
+    x, y = torch.randn(6, 1, 28, 28), torch.tensor([0, 1, 2, 0, 1, 2])
+    out = evaluate(model, [(x, y)], Runtime("cpu"), tta_shift=1, return_outputs=True)
+    with torch.no_grad():
+        want = sum(model(v) for v in tta_views(x, shift=1)) / 5
+    assert torch.allclose(out["logits"], want, atol=1e-6)
+
+
 def test_auto_precision_by_model_size():
     from vitkit.engine.runtime import auto_precision, cpu_has_bf16
 

@@ -123,7 +123,10 @@ def run_dir(tmp_path_factory):
 
 
 def test_evaluate_run_keeps_its_keys_and_writes_the_report(run_dir, tmp_path):
+    at_train = json.loads((run_dir / "eval.json").read_text())  # the run's final evaluation
     r = evaluate_run(run_dir, report_dir=tmp_path / "rep")
+    # `vitkit eval` repeats it: EMA weights, 5 views (in-memory digits translate, no flips).
+    assert at_train == pytest.approx(r) and r["weights"] == "ema" and r["tta_views"] == 5
     assert {"run", "data", "loss", "acc1", "acc5", "n"} <= set(r) and not {"logits", "targets"} & set(r)
     assert json.loads((run_dir / "eval.json").read_text()) == r
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())

@@ -51,7 +51,7 @@ def build_parser() -> ArgumentParser:
     ev.add_argument("--no_report", action="store_true", help="only top-1, top-5 and loss (RUN_DIR/eval.json)")
     ev.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],
                     help="auto: the EMA weights when the run kept them; ema; raw")
-    ev.add_argument("--tta", default=None, type=Optional[bool], help="test-time flip averaging (default: the run's setting)")
+    ev.add_argument("--tta", default=None, type=Optional[bool], help="test-time augmentation: flips and/or 1 px shifts, as the run trained (default: the run's setting)")
     sub.add_subcommand("eval", ev, help="evaluate a run")
 
     xp = ArgumentParser(description="Heat maps of what a run's model looks at, overlaid on the images, as PNGs.",

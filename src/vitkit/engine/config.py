@@ -77,7 +77,10 @@ class TrainConfig:
     """Decay of the weight EMA (evaluated and saved alongside the raw weights; used by eval and
     predict); null disables. The decay warms up as min(ema, (1 + n) / (10 + n)) over the first steps."""
     tta: bool | None = None
-    """Test-time flip augmentation in evaluation; default: on when training uses flips."""
+    """Test-time augmentation: average the logits over the views training made the model invariant
+    to: mirrors (when training flips) and one-pixel shifts (when the in-memory loader translates).
+    Each epoch is scored with the mirrors only; the final evaluation (eval.json) with all views.
+    Default: on when training flips or translates."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPUs and on CPUs with bf16 instructions for models >= 5M parameters, else fp32
     (bf16 slows tiny models). bf16 autocast on CPU or CUDA; fp16 autocast with a gradient scaler on CUDA."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,8 @@ class Run:
     config: dict[str, Any]
     classes: list[str]
     device: torch.device
+    weights: str = "raw"
+    """Which weights were loaded: "ema" or "raw"."""
 
     @property
     def img_size(self) -> tuple[int, int]:
@@ -72,7 +73,7 @@ def load_run(path: str | Path, device: str = "cpu", weights: str = "auto") -> Ru
         raise FileNotFoundError(f"{path} has no EMA weights ({rundir.EMA_WEIGHTS}); the run was trained without --ema")
     load_weights(model, path / (rundir.EMA_WEIGHTS if use_ema else rundir.WEIGHTS))
     dev = Runtime(device).device
-    return Run(path, model.to(dev).eval(), config, list(config["data"]["classes"]), dev)
+    return Run(path, model.to(dev).eval(), config, list(config["data"]["classes"]), dev, "ema" if use_ema else "raw")
 
 
 def expand_images(paths: list[str | Path]) -> list[Path]:
@@ -119,10 +120,14 @@ def evaluate_run(
                          std=tuple(d["std"]), num_workers=cfg.get("num_workers", 0))
     if tta is None:
         tta = bool(cfg.get("tta"))  # resolved and saved by `train`
-    result = evaluate(run.model, loader, Runtime(device), tta_flip=tta, return_outputs=report_dir is not None)
+    # The views training made the model invariant to (runs saved before shifts existed: flips).
+    views = run.config.get("eval", {"tta_flip": cfg.get("hflip", True), "tta_shift": 0})
+    flip, shift = tta and views["tta_flip"], views["tta_shift"] if tta else 0
+    result = evaluate(run.model, loader, Runtime(device), tta_flip=flip, tta_shift=shift, return_outputs=report_dir is not None)
     outputs = {k: result.pop(k) for k in ("logits", "targets") if k in result}
-    result = {"run": str(path), "data": source, **result}
-    rundir.atomic_write(Path(path) / "eval.json", (json.dumps(result, indent=2) + "\n").encode())
+    result = {"run": str(path), "data": source, "weights": run.weights,
+              "tta_views": (1 + 4 * bool(shift)) * (1 + bool(flip)), **result}
+    rundir.write_eval(path, result)
     if report_dir is not None:
         from .report import split_images, write_report
 

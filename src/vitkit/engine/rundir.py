@@ -9,7 +9,7 @@
       skipped_files.txt  damaged images left out of the data, with the reason
       metrics.jsonl      one JSON line per epoch
       curves.png         training curves
-      eval.json          written by `vitkit eval`
+      eval.json          the final evaluation: written by `train`, rewritten by `vitkit eval`
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ PREV_CHECKPOINT = "checkpoint-prev.pt"
 SKIPPED = "skipped_files.txt"
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
+EVAL = "eval.json"
 
 
 def atomic_write(path: str | Path, data: bytes, *, keep_previous: Path | None = None) -> None:
@@ -64,6 +65,11 @@ def atomic_write(path: str | Path, data: bytes, *, keep_previous: Path | None = 
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_eval(run_dir: str | Path, result: dict[str, Any]) -> None:
+    """RUN/eval.json: the latest evaluation of the run (top-1, top-5, loss, and what was scored)."""
+    atomic_write(Path(run_dir) / EVAL, (json.dumps(result, indent=2) + "\n").encode())
 
 
 def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
