@@ -98,8 +98,8 @@ def test_export_run_onnx_int8_and_preprocess_json(run_dir, tmp_path):
     q = r.int8
     assert doc["int8"] == q and (tmp_path / "onnx" / q["file"]).is_file()
     assert q["n"] == 360 and q["int8_bytes"] < 0.5 * q["fp32_bytes"]
-    # The fp32 ONNX model scores exactly what `vitkit eval` scores for the run.
-    assert q["fp32_acc1"] == pytest.approx(vitkit.evaluate_run(run_dir)["acc1"])
+    # The fp32 ONNX model scores exactly what `vitkit eval` scores for the run on single views.
+    assert q["fp32_acc1"] == pytest.approx(vitkit.evaluate_run(run_dir, tta=False)["acc1"])
     assert q["fp32_acc1"] > 85
     assert abs(q["change"]) <= INT8_MAX_CHANGE and q["agreement"] >= INT8_MIN_AGREEMENT, q
 

@@ -14,8 +14,9 @@ DEFAULT_MODEL = "vit_pico_conv4_28"
 class TrainConfig:
     """Everything a training run needs; saved as `config.yaml` in the run directory.
 
-    The defaults train `vit_pico_conv4_28` on `mnist5k` to 98.3-99.1% test top-1 (98.7% on
-    average) in about 4.5 minutes on two CPU cores (docs/recipes.md).
+    The defaults train `vit_pico_conv4_28` on `mnist5k` to 98.8-99.0% test top-1 in the final
+    evaluation (EMA weights, test-time shifts; 98.3-99.1% on the plain images, 98.7% on average)
+    in about 4.5 minutes on two CPU cores (docs/recipes.md).
     """
 
     data: str = "mnist5k"
