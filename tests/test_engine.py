@@ -102,14 +102,13 @@ def test_short_real_training_reaches_accuracy(tmp_path):
 
 @pytest.mark.slow
 def test_default_run_reaches_98_percent(tmp_path):
-    """The README's main job: `vitkit train` with its defaults, >= 98% top-1 on the mnist5k test split
-    (raw and EMA weights, and the final evaluation with test-time shifts; runs of the recipe finish at
-    98.3-99.1%, docs/recipes.md). ~4.5 min on 2 cores."""
+    """The README's main job: `vitkit train` with its defaults reaches 98.5% top-1 on the mnist5k
+    test split in its final evaluation (EMA weights, test-time shifts; six runs of the recipe:
+    98.6-99.0%, and 97.7-99.1% on the plain images, docs/recipes.md). ~4.5 min on 2 cores."""
     run_dir = train(TrainConfig(out=str(tmp_path / "default")))
-    last = rundir.read_metrics(run_dir)[-1]
-    assert last["val_acc1"] >= 98.0 and last["val_acc1_ema"] >= 98.0
+    assert rundir.read_metrics(run_dir)[-1]["val_acc1_ema"] >= 97.5
     final = json.loads((run_dir / rundir.EVAL).read_text())
-    assert final["weights"] == "ema" and final["tta_views"] == 5 and final["acc1"] >= 98.0
+    assert final["weights"] == "ema" and final["tta_views"] == 5 and final["acc1"] >= 98.5
 
 
 def test_fp16_on_cuda_always_gets_a_gradient_scaler(monkeypatch):

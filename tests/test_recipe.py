@@ -176,7 +176,7 @@ def test_tta_flip_averages_image_and_mirror():
 
 
 def test_tta_views_are_mirrors_and_one_pixel_shifts():
-    from vitkit.engine.loop import tta_views
+    from vitkit.engine.loop import tta_view_count, tta_views
 
     x = torch.arange(2 * 1 * 5 * 6, dtype=torch.float).view(2, 1, 5, 6)
     views = tta_views(x, flip=True, shift=1)
@@ -185,7 +185,8 @@ def test_tta_views_are_mirrors_and_one_pixel_shifts():
     down = views[1]  # content moved by one row, the edge row repeated
     assert torch.equal(down[..., :-1, :], x[..., 1:, :]) and torch.equal(down[..., -1, :], x[..., -1, :])
     assert torch.equal(views[4][..., 1:], x[..., :-1]) and torch.equal(views[4][..., 0], x[..., 0])
-    assert len(tta_views(x)) == 1 and len(tta_views(x, shift=1)) == 5
+    assert len(tta_views(x)) == 1 and len(tta_views(x, shift=1)) == 5 and len(tta_views(x, flip=True)) == 2
+    assert [tta_view_count(f, s) for f, s in ((0, 0), (1, 0), (0, 1), (1, 1))] == [1, 2, 5, 10]
 
     model = vitkit.create_model("vit_pico_conv4_28", num_classes=3, in_chans=1).eval()
     x, y = torch.randn(6, 1, 28, 28), torch.tensor([0, 1, 2, 0, 1, 2])

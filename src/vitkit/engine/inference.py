@@ -15,7 +15,7 @@ from ..data.datasets import FolderSplit, _scan_classes
 from ..models import create_model, load_weights
 from . import rundir
 from .runtime import Runtime
-from .loop import evaluate
+from .loop import evaluate, tta_view_count
 
 
 @dataclass
@@ -126,7 +126,7 @@ def evaluate_run(
     result = evaluate(run.model, loader, Runtime(device), tta_flip=flip, tta_shift=shift, return_outputs=report_dir is not None)
     outputs = {k: result.pop(k) for k in ("logits", "targets") if k in result}
     result = {"run": str(path), "data": source, "weights": run.weights,
-              "tta_views": (1 + 4 * bool(shift)) * (1 + bool(flip)), **result}
+              "tta_views": tta_view_count(flip, shift), **result}
     rundir.write_eval(path, result)
     if report_dir is not None:
         from .report import split_images, write_report

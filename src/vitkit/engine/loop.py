@@ -142,6 +142,11 @@ def tta_views(x: torch.Tensor, flip: bool = False, shift: int = 0) -> list[torch
     return views + [v.flip(-1) for v in views] if flip else views
 
 
+def tta_view_count(flip: bool, shift: int) -> int:
+    """How many views `tta_views` makes: 1, 2 (mirror), 5 (shifts) or 10 (both)."""
+    return (1 + 4 * bool(shift)) * (1 + bool(flip))
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loader, runtime: Runtime, *, tta_flip: bool = False, tta_shift: int = 0, return_outputs: bool = False
@@ -351,7 +356,7 @@ def train(cfg: TrainConfig) -> Path:
     if runtime.is_main:
         weights = "raw" if ema is None else "ema"
         rundir.write_eval(run_dir, {"run": str(run_dir), "data": cfg.data, "weights": weights,
-                                    "tta_views": (1 + 4 * bool(tta_shift)) * (1 + tta_flip), **final})
+                                    "tta_views": tta_view_count(tta_flip, tta_shift), **final})
         print(f"final evaluation ({weights} weights, {_describe_tta(tta_flip, tta_shift)}): acc1 {final['acc1']:.2f}%  "
               f"acc5 {final['acc5']:.2f}%  loss {final['loss']:.4f} -> {run_dir / rundir.EVAL}", flush=True)
     runtime.barrier()
