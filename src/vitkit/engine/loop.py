@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -149,11 +150,12 @@ def tta_view_count(flip: bool, shift: int) -> int:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader, runtime: Runtime, *, tta_flip: bool = False, tta_shift: int = 0, return_outputs: bool = False
+    model: nn.Module, loader, runtime: Runtime, *, tta_flip: bool = False, tta_shift: int = 0, return_outputs: bool = False,
+    autocast: bool = True,
 ) -> dict[str, Any]:
     """Loss, top-1 and top-5 (%) over a loader, summed over processes; optionally the logits and
     targets too (single process). With `tta_flip` / `tta_shift`, each image is scored on the
-    average logits of its `tta_views`.
+    average logits of its `tta_views`. `autocast=False` scores in fp32 whatever the runtime's precision.
 
     A DeiT model is scored on the average of its heads (its eval output), and each head's top-1 is
     reported too (`acc1_heads`: class head, distillation head).
@@ -171,7 +173,7 @@ def evaluate(
     try:
         for x, y in loader:
             x, y = runtime.to(x, y)
-            with runtime.autocast():
+            with runtime.autocast() if autocast else contextlib.nullcontext():
                 views = [run(v) for v in tta_views(x, tta_flip, tta_shift)]
                 outs = tuple(sum(o) / len(views) for o in zip(*views))
             logits.append((sum(outs) / len(outs)).cpu())
@@ -351,8 +353,9 @@ def train(cfg: TrainConfig) -> Path:
         print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {stats['train_loss']:.4f} acc {stats['train_acc1']:.2f}%  "
               f"val loss {val['loss']:.4f} acc1 {val['acc1']:.2f}%{ema_note} acc5 {val['acc5']:.2f}%  "
               f"{stats['images_per_s']:.0f} img/s  {row['time_s']:.1f}s", flush=True)
-    # The number `vitkit eval RUN` gives: the weights it loads (EMA when kept) with every test-time view.
-    final = evaluate(model if ema is None else ema.module, val_loader, runtime, tta_flip=tta_flip, tta_shift=tta_shift)
+    # The number `vitkit eval RUN` gives: the weights it loads (EMA when kept), every test-time view, fp32.
+    final = evaluate(model if ema is None else ema.module, val_loader, runtime, tta_flip=tta_flip, tta_shift=tta_shift,
+                     autocast=False)
     if runtime.is_main:
         weights = "raw" if ema is None else "ema"
         rundir.write_eval(run_dir, {"run": str(run_dir), "data": cfg.data, "weights": weights,
