@@ -11,7 +11,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 
-
 def has_depthwise_conv(model: nn.Module) -> bool:
     """True for models with grouped convolutions (CvT's depthwise projections)."""
     return any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
