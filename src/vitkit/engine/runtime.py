@@ -28,9 +28,9 @@ def auto_precision(device: torch.device | str, model: nn.Module | None = None) -
     instructions, except for models with depthwise convolutions on the CPU; fp32 otherwise.
 
     Measured per training step on a 2-core AVX-512-bf16 CPU (docs/recipes.md): bf16 is 1.3-1.9x
-    as fast as fp32 for every ViT and Swin measured, from 0.3M to 22M parameters (with the explicit
-    bf16 attention of `layers.attention`), but 0.7x for CvT, whose depthwise convolutions run
-    slower in bf16 on the CPU.
+    as fast as fp32 for every ViT and Swin measured, from 0.3M to 22M parameters (attention in bf16
+    runs as explicit matrix products, `layers.attention`), but 0.7x for CvT, whose depthwise
+    convolutions run slower in bf16 on the CPU.
     """
     device = torch.device(device)
     if device.type == "cuda":
