@@ -11,8 +11,10 @@ transformers model (`ViTForImageClassification` / `SwinForImageClassification`) 
 random config of the same sizes with `attn_implementation="sdpa"` and keeps its own random
 weights (the cost of the arithmetic does not depend on the values). Every model runs in eval mode
 under `torch.inference_mode()` and, for bf16, `torch.autocast("cpu", dtype=torch.bfloat16)` - the
-step of `vitkit.benchmark.infer_step`. All six cases of a model (3 libraries x 2 precisions) are
-timed in the same process, in interleaved rounds; the script prints the median images/s and the
+step of `vitkit.benchmark.infer_step`. Each library runs in a process of its own, as its users run
+it (vitkit's with its CPU allocator setting, `runtime.keep_freed_memory`; the peers' with glibc's
+defaults); `--same-process` times all three in this one. The six cases of a model (3 libraries x
+2 precisions) are timed in interleaved rounds; the script prints the median images/s and the
 ratios vitkit/timm and vitkit/transformers at equal precision, and vitkit's default precision
 (`auto`, as the engine resolves it) against each peer's fp32. Compare ratios from one run only.
 """
@@ -29,13 +31,16 @@ import transformers
 from torch import nn
 
 import vitkit
-from vitkit.benchmark import infer_step, interleaved, machine_info, machine_line, median_spread
+from vitkit.benchmark import Step, infer_step, interleaved, machine_info, machine_line, median_spread, process_steps
 from vitkit.engine.runtime import Runtime, auto_precision
 from vitkit.models import model_config
 
 MODELS = ["vit_base_patch16_224", "swin_tiny_patch4_window7_224"]
 PRECISIONS = ("fp32", "bf16")
 LIBS = ("vitkit", "timm", "transformers")
+# The peers' processes keep glibc's default allocator, as their users run them: the inference step
+# they borrow from vitkit would otherwise apply vitkit's setting (runtime.keep_freed_memory).
+LIB_ENV = {"vitkit": {}, "timm": {"VITKIT_CPU_ALLOCATOR": "system"}, "transformers": {"VITKIT_CPU_ALLOCATOR": "system"}}
 QUICK_OVERRIDES = {"vit_base_patch16_224": {"depth": 1}, "swin_tiny_patch4_window7_224": {"depths": (1, 1, 1, 1)}}
 
 
@@ -69,20 +74,39 @@ def hf_model(name: str, **overrides) -> nn.Module:
     return Logits(cls._from_config(config, attn_implementation="sdpa"))
 
 
+def lib_steps(lib: str, name: str, overrides: dict, batch: int) -> dict[str, Step]:
+    """One library's inference steps, `"LIB PRECISION"` -> step (run in that library's own process)."""
+    torch.manual_seed(0)
+    if lib == "transformers":
+        model = hf_model(name, **overrides)
+    else:
+        model = timm.create_model(name, pretrained=False, **overrides)
+        if lib == "vitkit":
+            ours = vitkit.create_model(name, **overrides)
+            ours.load_state_dict(model.state_dict())
+            model = ours
+    cfg = model_config(name, **overrides)
+    torch.manual_seed(1)
+    x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size)
+    return {f"{lib} {prec}": infer_step(model, x, Runtime("cpu", prec)) for prec in PRECISIONS}
+
+
 def bench_model(name: str, args: argparse.Namespace) -> dict:
     overrides = QUICK_OVERRIDES[name] if args.quick else {}
-    torch.manual_seed(0)
-    peer = timm.create_model(name, pretrained=False, **overrides)
-    ours = vitkit.create_model(name, **overrides)
-    ours.load_state_dict(peer.state_dict())
-    hf = hf_model(name, **overrides)
-    models = {"vitkit": ours, "timm": peer, "transformers": hf}
-    cfg = model_config(name, **overrides)
-    x = torch.randn(args.batch, cfg.in_chans, cfg.img_size, cfg.img_size)
-    steps = {f"{lib} {prec}": infer_step(models[lib], x, Runtime("cpu", prec)) for prec in PRECISIONS for lib in LIBS}
+    if args.same_process:
+        steps, workers = {}, []
+        for lib in LIBS:
+            steps.update(lib_steps(lib, name, overrides, args.batch))
+    else:
+        workers = [process_steps(__file__, "lib_steps", lib, name, overrides, args.batch, env=LIB_ENV[lib])
+                   for lib in LIBS]
+        steps = {n: w.step(n) for w in workers for n in w.names}
+    steps = {f"{lib} {prec}": steps[f"{lib} {prec}"] for prec in PRECISIONS for lib in LIBS}
     rates = interleaved(steps, args.batch, warmup=args.warmup, rounds=args.rounds, target_s=args.target_s)
+    for w in workers:
+        w.close()
     ips = {k: median_spread(v) for k, v in rates.items()}
-    auto = auto_precision("cpu", ours)
+    auto = auto_precision("cpu", vitkit.create_model(name, **overrides))
     r = lambda a, b: ips[a][0] / ips[b][0]  # noqa: E731
     ratios = {}
     for peer_lib in ("timm", "transformers"):
@@ -90,8 +114,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
             ratios[f"vitkit/{peer_lib} {q}"] = r(f"vitkit {q}", f"{peer_lib} {q}")
         ratios[f"vitkit auto ({auto}) / {peer_lib} fp32"] = r(f"vitkit {auto}", f"{peer_lib} fp32")
 
-    print(f"\n{name}{' ' + str(overrides) if overrides else ''}, batch {args.batch}, "
-          f"transformers attention: {hf.model.config._attn_implementation}")
+    print(f"\n{name}{' ' + str(overrides) if overrides else ''}, batch {args.batch}, transformers attention: sdpa, "
+          + ("one process per library" if workers else "all libraries in one process"))
     print(f"{'library':<13} {'precision':<9} {'img/s':>8} {'spread':>7}")
     for key, (med, spread) in ips.items():
         lib, prec = key.split()
@@ -100,6 +124,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     for k, v in ratios.items():
         print(f"  {k:<40} {v:.2f}")
     return {"model": name, "overrides": overrides, "batch": args.batch, "rounds": rates,
+            "processes": "one per library" if workers else "same",
             "images_per_s": {k: v[0] for k, v in ips.items()}, "spread": {k: v[1] for k, v in ips.items()},
             "auto": auto, "ratios": ratios}
 
@@ -112,6 +137,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per case before timing (fewer for slow ones)")
     p.add_argument("--target-s", type=float, default=0.25, help="approximate seconds per case and round")
+    p.add_argument("--same-process", action="store_true",
+                   help="time all libraries in this process instead of one process each")
     p.add_argument("--quick", action="store_true", help="smoke run: one block per stage, batch 2, one round")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)

@@ -10,7 +10,7 @@ engine's label smoothing (`classification_loss`), then `Runtime.backward_step` w
 AdamW (`create_optimizer`, weight-decay groups) and gradient clipping. Inference runs in eval mode
 under `torch.inference_mode()` and the same autocast.
 
-The helpers `time_calls`, `interleaved`, `train_step`, `bench_optimizer`, `infer_step`, `matmul_peak`, `PeakMemory`
+The helpers `time_calls`, `interleaved`, `process_steps`, `train_step`, `bench_optimizer`, `infer_step`, `matmul_peak`, `PeakMemory`
 and `machine_info` are what the comparison scripts in `benchmarks/` build on.
 """
 
@@ -19,13 +19,16 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
+import importlib.util
 import json
+import multiprocessing
 import os
 import platform
 import resource
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -113,6 +116,65 @@ def interleaved(steps: dict[str, Step], batch: int, *, warmup: int = 2, rounds: 
             sync()
             rates[name].append(iters * batch / (time.perf_counter() - t0))
     return rates
+
+
+def _step_worker(conn: Any, script: str, builder: str, args: tuple, env: dict[str, str]) -> None:
+    """Body of a `process_steps` worker: build the steps, then run them on request until told to stop."""
+    try:
+        os.environ.update(env)
+        spec = importlib.util.spec_from_file_location("_vitkit_bench_script", script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        steps = getattr(module, builder)(*args)
+        conn.send(("ready", list(steps)))
+    except Exception:  # the parent raises it with the worker's traceback
+        conn.send(("error", traceback.format_exc()))
+        return
+    while (name := conn.recv()) is not None:
+        steps[name]()
+        conn.send("done")
+
+
+class ProcessSteps:
+    """Steps that live in a process of their own (see `process_steps`); call `close()` when done."""
+
+    def __init__(self, script: str, builder: str, args: tuple = (), env: dict[str, str] | None = None) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_step_worker, args=(child, script, builder, args, env or {}), daemon=True)
+        self._proc.start()
+        try:
+            status, payload = self._conn.recv()
+        except EOFError:
+            status, payload = "error", f"the worker process exited with code {self._proc.exitcode}"
+        if status == "error":
+            self._proc.join()
+            raise RuntimeError(f"building the steps of {builder} in a worker process failed:\n{payload}")
+        self.names: list[str] = payload
+
+    def step(self, name: str) -> Step:
+        def run() -> None:
+            self._conn.send(name)
+            self._conn.recv()
+
+        return run
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            self._conn.send(None)
+            self._proc.join(timeout=30)
+
+
+def process_steps(script: str, builder: str, *args: Any, env: dict[str, str] | None = None) -> ProcessSteps:
+    """Build the steps `script.builder(*args)` returns (a dict name -> step) in a new process.
+
+    What for: comparing libraries as their users run them. A process's state - the C allocator's
+    settings, oneDNN/MKL caches, whatever a library sets up when imported - then belongs to one
+    library only. `env` is set in the worker before `script` is loaded. Calling a step runs it
+    in the worker and waits for it; the round trip (~0.1 ms) is negligible next to a model step.
+    Only one worker computes at a time, so they do not compete for the cores.
+    """
+    return ProcessSteps(script, builder, args, env)
 
 
 def median_spread(values: list[float]) -> tuple[float, float]:

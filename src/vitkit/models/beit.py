@@ -26,7 +26,7 @@ from torch import nn
 
 from .contract import Intermediates, VisionModel, block_intermediates, check_output_fmt, resolve_indices
 from .layers.helpers import classifier_head, to_2tuple
-from .layers import Attention, DropPath, Mlp, PatchEmbed, resample_abs_pos_embed
+from .layers import Attention, DropPath, Mlp, PatchEmbed, linear, resample_abs_pos_embed
 from .registry import INCEPTION_MEAN, INCEPTION_STD, ModelEntry, register_model
 
 # Pairs involving the class token have no spatial offset; BEiT gives them three extra table rows:
@@ -230,7 +230,7 @@ class BeitAttention(Attention):
         if self.q_bias is None:
             return self.qkv(x)
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        return F.linear(x, self.qkv.weight, bias)  # (B, N, 3 * D)
+        return linear(x, self.qkv.weight, bias)  # (B, N, 3 * D)
 
     def forward(
         self,

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .contract import Intermediates, VisionModel, check_output_fmt, resolve_indices, tokens_to_nchw
-from .layers import DropPath, Mlp, attend
+from .layers import DropPath, Linear, Mlp, attend
 from .registry import ModelEntry, register_model
 
 
@@ -164,11 +164,11 @@ class ConvAttention(nn.Module):
         self.conv_proj_q = ConvProjection(dim, kernel_size, 1, kernel_size // 2)
         self.conv_proj_k = ConvProjection(dim, kernel_size, stride_kv, padding_kv)
         self.conv_proj_v = ConvProjection(dim, kernel_size, stride_kv, padding_kv)
-        self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
-        self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_q = Linear(dim, dim, bias=qkv_bias)
+        self.proj_k = Linear(dim, dim, bias=qkv_bias)
+        self.proj_v = Linear(dim, dim, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .contract import Intermediates, VisionModel, check_output_fmt, resolve_indices
-from .layers import Attention, DropPath, Mlp, PatchEmbed
+from .layers import Attention, DropPath, Linear, Mlp, PatchEmbed
 from .registry import ModelEntry, register_model
 
 # Logit offset of masked pairs, as in the reference implementation: exp(-100) vanishes next to any
@@ -253,7 +253,7 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, out_dim: int, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm) -> None:
         super().__init__()
         self.norm = norm_layer(4 * dim)
-        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+        self.reduction = Linear(4 * dim, out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`(B, H, W, C)` -> `(B, ceil(H/2), ceil(W/2), out_dim)`; an odd side is zero-padded."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .linear import Linear, linear_gelu
+
 
 class Mlp(nn.Module):
     """Linear -> activation -> dropout -> linear -> dropout; names follow timm (`fc1`, `fc2`)."""
@@ -21,11 +23,27 @@ class Mlp(nn.Module):
         super().__init__()
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.fc2 = Linear(hidden_features, out_features)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fuse_gelu():
+            # Inference on the CPU: fc1 and the exact GELU in one oneDNN pass (layers.linear).
+            h = linear_gelu(x, self.fc1.weight, self.fc1.bias)
+            if h is not None:
+                return self.drop2(self.fc2(h))
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+    def _fuse_gelu(self) -> bool:
+        # Only when nothing else would see fc1's output: no hooks, no active dropout, exact GELU.
+        return (
+            type(self.act) is nn.GELU
+            and self.act.approximate == "none"
+            and not (self.training and self.drop1.p > 0)
+            and not self.fc1._forward_hooks
+            and not self.fc1._forward_pre_hooks
+            and not self.act._forward_hooks
+        )
