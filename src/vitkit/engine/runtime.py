@@ -52,8 +52,8 @@ def keep_freed_memory() -> bool:
     kernel and unmaps it on free, so every large activation of every step is page-faulted and
     zeroed again - about 600,000 page faults and 1 s of system time per ViT-B/16 inference batch
     of 32 on the 2-core machine of docs/benchmark.md. With mmap off for the heap and no trimming,
-    freed blocks are reused: ViT-B/16 inference ran 1.10x and ViT-S/16 training 1.05x as fast
-    (fp32). The cost: the process keeps its peak memory until it exits (a ViT-S training process
+    freed blocks are reused: ViT-B/16 inference ran 1.10x and a ViT-S/16 training step (batch 64)
+    1.05-1.11x as fast (fp32). The cost: the process keeps its peak memory until it exits (a ViT-S training process
     peaked 6.5% higher, 5.6 vs 5.2 GB, over batches of varying size), as PyTorch's caching allocator
     does on GPUs and as the jemalloc/tcmalloc set-ups of CPU tuning guides do.
 
