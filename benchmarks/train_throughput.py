@@ -13,8 +13,9 @@ cross-entropy, backward, gradient clipping, AdamW - on one fixed random batch. E
 in a process of its own, as its users run it (vitkit's with vitkit's CPU allocator setting,
 `runtime.keep_freed_memory`; timm's with glibc's defaults); `--same-process` times both in this
 one, where they share the setting. The four cases (vitkit/timm x fp32/bf16) are timed in
-interleaved rounds, and the script prints the median images/s of each and the ratios. A side's "best" precision is the faster of its
-two; vitkit's default is `--precision auto` as the engine resolves it (`auto_precision`).
+interleaved rounds, and the script prints the median images/s of each and the ratios. A side's
+"best" precision is the faster of its two; vitkit's default is `--precision auto` as the engine
+resolves it (`auto_precision`).
 Absolute figures depend on the machine and its load; compare ratios from one run only.
 """
 

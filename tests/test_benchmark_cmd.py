@@ -85,3 +85,49 @@ def test_timing_helpers():
     rates = interleaved({"a": lambda: None, "b": lambda: None}, batch=4, warmup=1, rounds=2, target_s=0.0)
     assert set(rates) == {"a", "b"} and all(len(v) == 2 and min(v) > 0 for v in rates.values())
     assert matmul_peak("fp32", size=64, reps=1) > 0
+
+
+_WORKER_SCRIPT = '''
+import os
+
+def build(tag):
+    if tag == "broken":
+        raise ValueError("no such model")
+    calls = []
+
+    def record():
+        calls.append(os.environ["BENCH_TAG"])
+        with open(os.environ["BENCH_OUT"], "w") as f:
+            f.write(f"{os.getpid()} {len(calls)} {calls[-1]}")
+
+    def fail():
+        raise KeyError("lost")
+
+    return {f"{tag} record": record, f"{tag} fail": fail}
+'''
+
+
+def test_process_steps_run_in_their_own_process_with_their_env(tmp_path):
+    import os
+
+    from vitkit.benchmark import process_steps
+
+    script, out = tmp_path / "bench_script.py", tmp_path / "out.txt"
+    script.write_text(_WORKER_SCRIPT)
+    worker = process_steps(str(script), "build", "a", env={"BENCH_TAG": "side-a", "BENCH_OUT": str(out)})
+    try:
+        assert worker.names == ["a record", "a fail"]
+        record = worker.step("a record")
+        record()
+        record()
+        pid, count, tag = out.read_text().split()
+        assert int(pid) != os.getpid() and count == "2" and tag == "side-a"
+        assert "BENCH_TAG" not in os.environ  # the env was the worker's, not ours
+        with pytest.raises(RuntimeError, match="KeyError: 'lost'"):
+            worker.step("a fail")()
+        record()  # the worker survives a failed step
+        assert out.read_text().split()[1] == "3"
+    finally:
+        worker.close()
+    with pytest.raises(RuntimeError, match="no such model"):
+        process_steps(str(script), "build", "broken")

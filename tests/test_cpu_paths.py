@@ -143,3 +143,11 @@ def test_cpu_runtime_keeps_freed_memory_for_reuse(monkeypatch):
     assert counts["keep"][0] and not counts["system"][0]
     assert counts["system"][1] > 10_000  # every allocation page-faulted anew
     assert counts["keep"][1] < 1_000
+
+
+def test_bad_allocator_setting_is_named(monkeypatch):
+    from vitkit.engine.runtime import keep_freed_memory
+
+    monkeypatch.setenv("VITKIT_CPU_ALLOCATOR", "jemalloc")
+    with pytest.raises(ValueError, match="keep or system"):
+        keep_freed_memory()

@@ -10,8 +10,9 @@ engine's label smoothing (`classification_loss`), then `Runtime.backward_step` w
 AdamW (`create_optimizer`, weight-decay groups) and gradient clipping. Inference runs in eval mode
 under `torch.inference_mode()` and the same autocast.
 
-The helpers `time_calls`, `interleaved`, `process_steps`, `train_step`, `bench_optimizer`, `infer_step`, `matmul_peak`, `PeakMemory`
-and `machine_info` are what the comparison scripts in `benchmarks/` build on.
+The helpers `time_calls`, `interleaved`, `process_steps`, `train_step`, `bench_optimizer`,
+`infer_step`, `matmul_peak`, `PeakMemory` and `machine_info` are what the comparison scripts in
+`benchmarks/` build on.
 """
 
 from __future__ import annotations
@@ -131,8 +132,11 @@ def _step_worker(conn: Any, script: str, builder: str, args: tuple, env: dict[st
         conn.send(("error", traceback.format_exc()))
         return
     while (name := conn.recv()) is not None:
-        steps[name]()
-        conn.send("done")
+        try:
+            steps[name]()
+            conn.send("done")
+        except Exception:
+            conn.send(traceback.format_exc())
 
 
 class ProcessSteps:
@@ -155,7 +159,8 @@ class ProcessSteps:
     def step(self, name: str) -> Step:
         def run() -> None:
             self._conn.send(name)
-            self._conn.recv()
+            if (reply := self._conn.recv()) != "done":
+                raise RuntimeError(f"step {name!r} failed in its worker process:\n{reply}")
 
         return run
 

@@ -53,17 +53,20 @@ def keep_freed_memory() -> bool:
     zeroed again - about 600,000 page faults and 1 s of system time per ViT-B/16 inference batch
     of 32 on the 2-core machine of docs/benchmark.md. With mmap off for the heap and no trimming,
     freed blocks are reused: ViT-B/16 inference ran 1.10x and a ViT-S/16 training step (batch 64)
-    1.05-1.11x as fast (fp32). The cost: the process keeps its peak memory until it exits (a ViT-S training process
-    peaked 6.5% higher, 5.6 vs 5.2 GB, over batches of varying size), as PyTorch's caching allocator
-    does on GPUs and as the jemalloc/tcmalloc set-ups of CPU tuning guides do.
+    1.05-1.11x as fast (fp32). The cost: the process keeps its peak memory until it exits (a ViT-S
+    training process peaked 6.5% higher, 5.6 vs 5.2 GB, over batches of varying size), as PyTorch's
+    caching allocator does on GPUs and as the jemalloc/tcmalloc set-ups of CPU tuning guides do.
 
-    Called once per process by every CPU `Runtime`; `VITKIT_CPU_ALLOCATOR=system` leaves glibc's
-    defaults. Does nothing on other C libraries.
+    Called once per process by every CPU `Runtime`; `VITKIT_CPU_ALLOCATOR=system` (instead of the
+    default `keep`) leaves glibc's defaults. Does nothing on other C libraries.
     """
     global _allocator_tuned
+    choice = os.environ.get("VITKIT_CPU_ALLOCATOR", "keep")
+    if choice not in ("keep", "system"):
+        raise ValueError(f"VITKIT_CPU_ALLOCATOR must be keep or system, got {choice!r}")
     if _allocator_tuned is None:
         _allocator_tuned = False
-        if os.environ.get("VITKIT_CPU_ALLOCATOR", "keep") != "system" and sys.platform.startswith("linux"):
+        if choice == "keep" and sys.platform.startswith("linux"):
             try:
                 libc = ctypes.CDLL("libc.so.6")
                 _allocator_tuned = bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**30))
