@@ -69,7 +69,9 @@ def _resolve(choice: str) -> str:
         raise ValueError(f"VITKIT_CPU_LINEAR / set_cpu_linear must be one of {', '.join(BACKENDS)}, got {choice!r}")
     if choice == "torch":
         return "torch"
-    if choice == "auto" and (platform.machine().lower() not in ("x86_64", "amd64") or _cpu_vendor() == "GenuineIntel"):
+    # auto: only where the vendor is known and is not Intel (where the measurement was made).
+    if choice == "auto" and (platform.machine().lower() not in ("x86_64", "amd64")
+                             or _cpu_vendor() in ("", "GenuineIntel")):
         return "torch"
     return "onednn" if _onednn_works() else "torch"
 
