@@ -41,6 +41,7 @@ from .engine.loop import classification_loss
 from .engine.optim import create_optimizer
 from .engine.runtime import Runtime, cpu_has_bf16
 from .models import create_model, get_model_entry
+from .models.layers.helpers import cpuinfo
 from .models.profile import count_flops, count_params
 
 MODES = ("train", "infer")
@@ -245,14 +246,7 @@ def matmul_peak(precision: str, device: torch.device | str = "cpu", size: int | 
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -31,19 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .helpers import cpuinfo
+
 BACKENDS = ("auto", "onednn", "torch")
 _choice = os.environ.get("VITKIT_CPU_LINEAR", "auto")
-
-
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 @functools.cache
@@ -71,7 +62,7 @@ def _resolve(choice: str) -> str:
         return "torch"
     # auto: only where the vendor is known and is not Intel (where the measurement was made).
     if choice == "auto" and (platform.machine().lower() not in ("x86_64", "amd64")
-                             or _cpu_vendor() in ("", "GenuineIntel")):
+                             or cpuinfo("vendor_id") in ("", "GenuineIntel")):
         return "torch"
     return "onednn" if _onednn_works() else "torch"
 

@@ -46,4 +46,5 @@ class Mlp(nn.Module):
             and not self.fc1._forward_hooks
             and not self.fc1._forward_pre_hooks
             and not self.act._forward_hooks
+            and not self.act._forward_pre_hooks
         )
