@@ -23,7 +23,7 @@ pytest.importorskip("multipart")
 pytest.importorskip("onnxruntime")
 
 from vitkit.export import export_run  # noqa: E402
-from vitkit.serve import BackgroundServer, MicroBatcher, create_app, load_predictor  # noqa: E402
+from vitkit.serve import BackgroundServer, MicroBatcher, QueueFull, create_app, load_predictor  # noqa: E402
 
 MAX_UPLOAD = 64 * 1024
 
@@ -72,6 +72,7 @@ def test_health(url):
     assert h["status"] == "ok" and h["model"] == "vit_pico_conv4_28" and h["backend"] == "pytorch"
     assert h["classes"] == 10 and h["img_size"] == [16, 16] and h["attention"] is True
     assert h["max_upload_bytes"] == MAX_UPLOAD
+    assert h["max_queue"] == 64 and h["timeout_s"] == 30 and h["max_image_pixels"] == 40_000_000
 
 
 def test_predict_good_images(url, run, images):
@@ -170,6 +171,97 @@ def test_micro_batcher_groups_waiting_requests_and_reports_errors():
     assert isinstance(failed[0], ValueError)
 
 
+def test_metrics_count_answers_latency_and_batches(url, images):
+    before = httpx.get(url + "/metrics").json()
+    with httpx.Client(base_url=url) as c:
+        for data in images[:3]:
+            assert _post(c, data).status_code == 200
+        assert _post(c, b"not an image", "notes.txt").status_code == 415
+    m = httpx.get(url + "/metrics").json()
+    assert m["requests"] - before["requests"] == 4
+    assert m["by_status"]["200"] - before["by_status"].get("200", 0) == 3
+    assert m["by_status"]["415"] - before["by_status"].get("415", 0) == 1
+    lat = m["latency_ms"]
+    assert lat["samples"] >= 3 and 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+    assert m["queue"] == {"depth": 0, "max": 64, "peak": m["queue"]["peak"]} and m["queue"]["peak"] >= 1
+    assert m["batches"] - before["batches"] == 3 and 1 <= m["mean_batch_size"] <= m["largest_batch"] <= 8
+    assert m["rejected"] == 0 and m["timed_out"] == 0
+
+
+class SlowPredictor:
+    """A predictor taking `delay` s more per batch: a saturated server on any machine."""
+
+    def __init__(self, predictor, delay: float) -> None:
+        self.predictor, self.delay = predictor, delay
+
+    def __getattr__(self, name):
+        return getattr(self.predictor, name)
+
+    def __call__(self, x, attention=False):
+        time.sleep(self.delay)
+        return self.predictor(x, attention=attention)
+
+
+def test_timeout_gives_504_and_drops_queued_work(run_dir, images):
+    # One batch of one takes 0.8 s and requests time out at 0.4 s: the first times out while it
+    # runs, the second while it waits, and is then dropped instead of run.
+    app = create_app(SlowPredictor(load_predictor(run_dir), 0.8), max_batch=1, max_wait_ms=0, timeout_s=0.4)
+
+    async def two(url):
+        async with httpx.AsyncClient(base_url=url, timeout=10) as c:
+            return await asyncio.gather(*[c.post("/predict", files={"file": ("d.png", d)}) for d in images[:2]])
+
+    with BackgroundServer(app) as url:
+        responses = asyncio.run(two(url))
+        time.sleep(0.8)  # the running batch ends; the loop pops the abandoned request
+        m = httpx.get(url + "/metrics").json()
+    assert [r.status_code for r in responses] == [504, 504]
+    assert "no answer within 0.4 s" in responses[0].json()["detail"]
+    assert m["timed_out"] == 2 and m["batches"] == 1 and m["dropped"] == 1 and m["queue"]["depth"] == 0
+
+
+def test_shutdown_answers_the_queued_requests(run_dir, images):
+    """As on SIGTERM: uvicorn stops accepting, open requests are answered and the queue drained."""
+    app = create_app(SlowPredictor(load_predictor(run_dir), 0.1), max_batch=1, max_wait_ms=0)
+    background = BackgroundServer(app)
+    url = background.__enter__()
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(httpx.post, url + "/predict", files={"file": ("d.png", images[i])}, timeout=30)
+                   for i in range(6)]
+        deadline = time.monotonic() + 10
+        while httpx.get(url + "/metrics").json()["queue"]["depth"] < 3:  # wait until requests are queued
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        background.__exit__(None, None, None)
+        statuses = [f.result().status_code for f in futures]
+    assert statuses == [200] * 6
+    with pytest.raises(httpx.ConnectError):  # no longer accepting
+        httpx.get(url + "/health")
+
+
+def test_micro_batcher_bounded_queue_and_draining_stop():
+    def slow_double(items):
+        time.sleep(0.05)
+        return [2 * i for i in items]
+
+    async def scenario():
+        b = MicroBatcher(slow_double, ThreadPoolExecutor(1), max_batch=1, max_wait_ms=0, capacity=2)
+        b.start()
+        running = asyncio.ensure_future(b.submit(1))
+        await asyncio.sleep(0.02)  # its batch has started: it left the queue
+        queued = [asyncio.ensure_future(b.submit(i)) for i in (2, 3)]
+        await asyncio.sleep(0)
+        assert b.capacity.depth == 2
+        with pytest.raises(QueueFull, match="queue is full"):
+            await b.submit(4)
+        await b.stop(drain_timeout=5)  # finishes what is queued
+        with pytest.raises(QueueFull, match="shutting down"):
+            await b.submit(5)
+        return await running, [await q for q in queued], b.capacity.depth
+
+    assert asyncio.run(scenario()) == (2, [4, 6], 0)
+
+
 def test_onnx_export_is_served_without_attention(run_dir, run, images, tmp_path):
     export_run(run_dir, "onnx", tmp_path / "onnx", int8=False)
     app = create_app(load_predictor(tmp_path / "onnx" / "model.onnx"))
@@ -198,10 +290,12 @@ def test_cli_serve(run_dir, images):
     """`vitkit serve` in its own process, as a user starts it."""
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "vitkit", "serve", str(run_dir), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "vitkit", "serve", str(run_dir), "--port", str(port),
+                             "--max-queue", "8", "--timeout-s", "20", "--max-image-pixels", "1000000"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     log: list[str] = []
-    threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True).start()
+    reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -212,9 +306,13 @@ def test_cli_serve(run_dir, images):
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, "".join(log)
             time.sleep(0.2)
+        h = httpx.get(f"http://127.0.0.1:{port}/health").json()
+        assert (h["max_queue"], h["timeout_s"], h["max_image_pixels"]) == (8, 20, 1_000_000)
         r = httpx.post(f"http://127.0.0.1:{port}/predict", files={"file": ("d.png", images[0])})
         assert r.status_code == 200 and len(r.json()["top"]) == 5
         assert "<title>vitkit</title>" in httpx.get(f"http://127.0.0.1:{port}/").text
     finally:
-        proc.terminate()
+        proc.terminate()  # SIGTERM: uvicorn's graceful shutdown (it then re-raises the signal: status -15)
         proc.wait(timeout=20)
+        reader.join(timeout=5)
+    assert "Application shutdown complete" in "".join(log)

@@ -4,13 +4,15 @@ Needs the `serve` extra (fastapi, uvicorn, python-multipart). `vitkit serve PATH
 """
 
 from .app import BackgroundServer, UploadLimit, create_app, serve
-from .batcher import MicroBatcher
+from .batcher import Capacity, MicroBatcher, QueueFull
 from .predictor import OnnxPredictor, TorchPredictor, load_predictor
 
 __all__ = [
     "BackgroundServer",
+    "Capacity",
     "MicroBatcher",
     "OnnxPredictor",
+    "QueueFull",
     "TorchPredictor",
     "UploadLimit",
     "create_app",

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..engine.rundir import CONFIG
-from ..export.preprocess import PREPROCESS_FILE, Preprocess, read_preprocess
+from ..export.preprocess import PREPROCESS_FILE, read_preprocess
+from ..run import CONFIG, load_run
 
 
 # Largest side of the attention map sent to the page: the token grids are smaller (14 for ViT-B/16
@@ -31,11 +31,9 @@ class TorchPredictor:
     backend = "pytorch"
 
     def __init__(self, run_dir: str | Path) -> None:
-        from ..engine import load_run
-
         run = load_run(run_dir, "cpu")
-        self.model, self.name = run.model, run.config["model"]["name"]
-        self.preprocess = Preprocess.from_run_config(run.config)
+        self.model, self.name = run.model, run.record.model
+        self.preprocess = run.record.preprocess
         self.classes = list(self.preprocess.classes)
         try:
             self._attention_maps(torch.zeros(1, self.preprocess.in_chans, *self.preprocess.img_size))
@@ -101,6 +99,6 @@ def decode_image(data: bytes, mode: str) -> Image.Image:
     """Uploaded bytes -> a PIL image in `mode`; ValueError for anything PIL cannot decode."""
     import io
 
-    from ..data import load_image
+    from ..preprocess import load_image
 
     return load_image(io.BytesIO(data), mode)
