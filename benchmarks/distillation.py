@@ -28,11 +28,12 @@ from pathlib import Path
 
 import torch
 
-from vitkit.engine import TrainConfig, rundir, train
+import vitkit.run as vrun
+from vitkit.engine import TrainConfig, train
 
 
 def _last(run: Path) -> dict:
-    return rundir.read_metrics(run)[-1]
+    return vrun.read_metrics(run)[-1]
 
 
 def main() -> None:
@@ -62,7 +63,7 @@ def main() -> None:
             t0 = time.perf_counter()
             run = train(TrainConfig(model="deit_pico_distilled_conv4_28", epochs=args.student_epochs, out=f"{tmp}/{kind}",
                                     augment=args.augment, lr=3e-3, precision="fp32",
-                                    teacher=str(teacher) if kind != "none" else None, distill=kind, **common))
+                                    distill={"teacher": str(teacher) if kind != "none" else None, "kind": kind}, **common))
             row = _last(run)
             results.append({"run": f"student, distill={kind}", "acc1": row.get("val_acc1_ema", row["val_acc1"]),
                             "acc1_raw": row["val_acc1"], "acc1_cls": row.get("val_acc1_cls"),

@@ -31,7 +31,8 @@ import transformers
 from torch import nn
 
 import vitkit
-from vitkit.benchmark import Step, infer_step, interleaved, machine_info, machine_line, median_spread, process_steps
+from harness import interleaved, process_steps
+from vitkit.benchmark import Step, infer_step, machine_info, machine_line, median_spread
 from vitkit.engine.runtime import Runtime, auto_precision
 from vitkit.models import model_config
 

@@ -36,8 +36,9 @@ from pathlib import Path
 
 import torch
 
-from vitkit.engine import TrainConfig, rundir, train
-from vitkit.pretrain import PretrainConfig, pretrain
+import vitkit.run as vrun
+from vitkit.engine import TrainConfig, train
+from vitkit.engine import PretrainConfig, pretrain
 
 MODELS = {"mae": "vit_pico_patch4_28", "beit": "beit_pico_patch4_28"}
 NAMES = {"mae": "MAE", "beit": "BEiT"}
@@ -53,7 +54,7 @@ def _cpu() -> str:
 
 
 def _last(run: Path) -> dict:
-    return rundir.read_metrics(run)[-1]
+    return vrun.read_metrics(run)[-1]
 
 
 def main() -> None:

@@ -56,8 +56,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import vitkit
 from vitkit.benchmark import machine_info, machine_line
 from vitkit.data import load_data
-from vitkit.engine import TrainConfig, load_run, train
-from vitkit.engine import rundir
+import vitkit.run as vrun
+from vitkit.engine import TrainConfig, train
+from vitkit.run import load_run
 
 CONTESTANTS = ("vitkit", "timm", "simplevit")
 LABELS = {
@@ -106,9 +107,9 @@ def run_vitkit(args, target: float, budget: float) -> dict:
         t0 = time.perf_counter()
         run_dir = train(cfg)
         wall = time.perf_counter() - t0
-        rows = rundir.read_metrics(run_dir)
-        saved = rundir.read_config(run_dir)
-        final_eval = json.loads((run_dir / rundir.EVAL).read_text())  # what `vitkit eval RUN` reports
+        rows = vrun.read_metrics(run_dir)
+        saved = vrun.RunRecord.read(run_dir)
+        final_eval = json.loads((run_dir / vrun.EVAL).read_text())  # what `vitkit eval RUN` reports
         params = count_params(load_run(run_dir, weights="raw").model)
     curve, cum = [], 0.0
     for r in rows:
@@ -116,8 +117,8 @@ def run_vitkit(args, target: float, budget: float) -> dict:
         curve.append({"epoch": r["epoch"] + 1, "cum_s": cum, "acc1": r["val_acc1"], "partial": False,
                       **({"acc1_ema": r["val_acc1_ema"]} if "val_acc1_ema" in r else {})})
     extra = {
-        "model": saved["model"]["name"],
-        "precision": saved["train"]["precision"],
+        "model": saved.model,
+        "precision": saved.precision,
         "train_call_wall_s": wall,  # set-up + epochs + checkpoint/plot writes
         "overrides": overrides,
         "final_eval": {k: final_eval[k] for k in ("acc1", "weights", "tta_views")},

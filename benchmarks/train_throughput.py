@@ -29,8 +29,8 @@ import timm
 import torch
 
 import vitkit
-from vitkit.benchmark import (Step, bench_optimizer, interleaved, machine_info, machine_line, median_spread,
-                              process_steps, train_step)
+from harness import interleaved, process_steps
+from vitkit.benchmark import Step, bench_optimizer, machine_info, machine_line, median_spread, train_step
 from vitkit.engine.runtime import Runtime, auto_precision
 
 PRECISIONS = ("fp32", "bf16")

@@ -16,7 +16,8 @@ from PIL import Image
 import vitkit
 from vitkit.cli import main
 from vitkit.data import check_image, load_data, load_image
-from vitkit.engine import TrainConfig, rundir, train
+import vitkit.run as vrun
+from vitkit.engine import TrainConfig, train
 
 # -- images ---------------------------------------------------------------------------------------
 
@@ -82,7 +83,7 @@ def test_run_lists_skipped_files_and_reports_count(tmp_path, capsys):
         run_dir = train(TrainConfig(data=str(root), img_size=8, model_args={"depth": 1}, epochs=1, warmup_epochs=0,
                                     num_workers=0, out=str(tmp_path / "run")))
     assert "skipped 1 damaged" in capsys.readouterr().out
-    listed = (run_dir / rundir.SKIPPED).read_text()
+    listed = (run_dir / vrun.SKIPPED).read_text()
     assert "broken.png" in listed and "cannot identify" in listed
 
 
@@ -195,7 +196,7 @@ CONFIG_ERRORS = [  # argv after `vitkit train`, text the one-line error must con
     (["--teacher", "tv:resnet18", "--teacher-weights", "{teacher_3_classes}"], "for the data's 10 classes"),
     (["--model-args", "{dpeth: 3}"], "unknown override 'dpeth'"),
     (["--model-args", "{depth: three}"], "override depth='three'"),
-    (["--warmup-epochs", "50"], "warmup_epochs=50.0 is invalid: must be between 0 and epochs"),
+    (["--warmup-epochs", "50"], "warmup_epochs=50 is longer than the run (epochs=40)"),
     (["--data", "/no/such/folder"], "unknown data set '/no/such/folder'"),
     (["--resume", "/no/such/run"], "not a vitkit run directory"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
@@ -270,8 +271,8 @@ def _copy_run(src: Path, dst: Path) -> Path:
 def test_pickle_payload_checkpoint_is_refused_without_running(tmp_path, small_run):
     data, marker = _pickled_payload(tmp_path)
     run = _copy_run(small_run, tmp_path / "run")
-    (run / rundir.CHECKPOINT).write_bytes(data)
-    (run / rundir.PREV_CHECKPOINT).unlink()
+    (run / vrun.CHECKPOINT).write_bytes(data)
+    (run / vrun.PREV_CHECKPOINT).unlink()
     with pytest.raises(ValueError, match="cannot resume .*cannot read checkpoint .*checkpoint.pt"):
         train(TrainConfig(resume=str(run)))
     (tmp_path / "w.pth").write_bytes(data)
@@ -282,20 +283,20 @@ def test_pickle_payload_checkpoint_is_refused_without_running(tmp_path, small_ru
 
 def test_truncated_checkpoint_falls_back_to_previous(tmp_path, small_run):
     run = _copy_run(small_run, tmp_path / "run")
-    data = (run / rundir.CHECKPOINT).read_bytes()
-    (run / rundir.CHECKPOINT).write_bytes(data[: len(data) // 2])
+    data = (run / vrun.CHECKPOINT).read_bytes()
+    (run / vrun.CHECKPOINT).write_bytes(data[: len(data) // 2])
     with pytest.warns(UserWarning, match="resuming from the previous checkpoint"):
-        state = rundir.load_resume_state(run)
+        state = vrun.load_resume_state(run)
     assert state["epoch"] == 0
-    (run / rundir.PREV_CHECKPOINT).write_bytes(b"garbage")
+    (run / vrun.PREV_CHECKPOINT).write_bytes(b"garbage")
     with pytest.raises(ValueError, match="cannot read checkpoint .*checkpoint.pt.*checkpoint-prev.pt"):
-        rundir.load_resume_state(run)
+        vrun.load_resume_state(run)
 
 
-@pytest.mark.parametrize("name, weights", [(rundir.WEIGHTS, "raw"), (rundir.EMA_WEIGHTS, "auto")])
+@pytest.mark.parametrize("name, weights", [(vrun.WEIGHTS, "raw"), (vrun.EMA_WEIGHTS, "auto")])
 def test_corrupt_weights_file_names_the_file(tmp_path, small_run, name, weights):
     run = _copy_run(small_run, tmp_path / "run")
-    assert (run / rundir.EMA_WEIGHTS).exists()  # runs keep EMA weights by default; load_run prefers them
+    assert (run / vrun.EMA_WEIGHTS).exists()  # runs keep EMA weights by default; load_run prefers them
     (run / name).write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match=f"cannot read weights from .*{name}"):
         vitkit.load_run(run, weights=weights)
@@ -311,14 +312,14 @@ def test_mismatched_weights_list_the_keys(tmp_path, small_run):
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES])
 def test_disk_full_or_permission_error_names_path_and_keeps_old_file(tmp_path, monkeypatch, err):
     target = tmp_path / "model.safetensors"
-    rundir.atomic_write(target, b"old")
+    vrun.atomic_write(target, b"old")
 
     def failing_fsync(fd):
         raise OSError(err, os.strerror(err))
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError, match=f"cannot write {target}"):
-        rundir.atomic_write(target, b"new")
+        vrun.atomic_write(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temporary file left
 
@@ -335,7 +336,7 @@ def test_no_unsafe_torch_load_in_package():
 
 
 def _nan_at(steps: set[int], monkeypatch):
-    import vitkit.engine.loop as engine_train
+    import vitkit.engine.objectives.classify as engine_train
 
     real = engine_train.classification_loss
     calls = {"n": 0}
@@ -355,7 +356,7 @@ def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypat
     _nan_at({steps_per_epoch + 3}, monkeypatch)
     with pytest.raises(FloatingPointError, match=f"loss is nan at step {steps_per_epoch + 3} \\(epoch 2\\).*--lr.*bf16"):
         train(TrainConfig(**cfg))
-    assert rundir.load_checkpoint(tmp_path / "run" / rundir.CHECKPOINT)["epoch"] == 0
+    assert vrun.load_checkpoint(tmp_path / "run" / vrun.CHECKPOINT)["epoch"] == 0
 
 
 def test_skip_nonfinite_tolerates_a_few_steps(tmp_path, monkeypatch):
@@ -363,7 +364,7 @@ def test_skip_nonfinite_tolerates_a_few_steps(tmp_path, monkeypatch):
     _nan_at({2, 5}, monkeypatch)
     with pytest.warns(UserWarning, match="skipping step 2"):
         run_dir = train(TrainConfig(**cfg, skip_nonfinite=2, out=str(tmp_path / "ok")))
-    assert rundir.read_metrics(run_dir)[0]["nonfinite_steps"] == 2
+    assert vrun.read_metrics(run_dir)[0]["nonfinite_steps"] == 2
     _nan_at({2, 5}, monkeypatch)
     with pytest.raises(FloatingPointError, match="step 5"):
         train(TrainConfig(**cfg, skip_nonfinite=1, out=str(tmp_path / "stop")))

@@ -1,15 +1,20 @@
 """`vitkit benchmark` and its library function: the report's fields, not its timings."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from vitkit import create_model
-from vitkit.benchmark import benchmark, interleaved, matmul_peak
+from vitkit.benchmark import benchmark, matmul_peak
 from vitkit.cli import main
 from vitkit.engine.runtime import auto_precision
 from vitkit.models.profile import count_flops
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from harness import interleaved, process_steps  # noqa: E402  (the comparison scripts' harness)
 
 MODEL = "vit_pico_conv4_28"
 FAST = dict(steps=2, warmup=1, batch_size=8, matmul_size=256)  # small matmuls: a fast, not a real, peak
@@ -110,7 +115,6 @@ def build(tag):
 def test_process_steps_run_in_their_own_process_with_their_env(tmp_path):
     import os
 
-    from vitkit.benchmark import process_steps
 
     script, out = tmp_path / "bench_script.py", tmp_path / "out.txt"
     script.write_text(_WORKER_SCRIPT)

@@ -41,10 +41,34 @@ def test_config_file_and_flag_override(tmp_path):
     cfg.write_text("data: digits\nimg_size: 16\nepochs: 1\nwarmup_epochs: 0\nbatch_size: 999\n")
     out = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--batch-size", "128", "--out", str(out)]) == 0
+    from vitkit.run import RunRecord
+
+    saved = RunRecord.read(out).settings
+    assert saved["batch_size"] == 128 and saved["epochs"] == 1 and saved["data"] == "digits"
+
+
+def test_one_epoch_runs_with_the_default_warmup(tmp_path, capsys):
+    """A newcomer's first try: the default warmup scales to a short run."""
+    assert main(["train", "--epochs", "1", "--data", "digits", "--img-size", "16", "--out", str(tmp_path / "one")]) == 0
+    from vitkit.run import RunRecord
+
+    assert RunRecord.read(tmp_path / "one").settings["warmup_epochs"] == 0.5
+    assert main(["train", "--warmup-epochs", "5", "--epochs", "3", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warmup_epochs=5" in err and "epochs=3" in err
+
+
+def test_print_config_groups_the_objective_settings(capsys):
     import yaml
 
-    saved = yaml.safe_load((out / "config.yaml").read_text())["train"]
-    assert saved["batch_size"] == 128 and saved["epochs"] == 1 and saved["data"] == "digits"
+    with pytest.raises(SystemExit):
+        main(["train", "--print_config"])
+    train = yaml.safe_load(capsys.readouterr().out)
+    assert set(train["distill"]) == {"teacher", "teacher_weights", "kind", "alpha", "tau"} and "teacher" not in train
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--print_config"])
+    pre = yaml.safe_load(capsys.readouterr().out)
+    assert pre["mae"]["mask_ratio"] == 0.75 and pre["beit"]["mask_ratio"] == 0.4 and pre["epochs"] == 20
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):

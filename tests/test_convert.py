@@ -259,6 +259,104 @@ def test_timm_hub_directory(tmp_path):
     assert run.classes == ["cat", "dog", "eel"]
     x = torch.randn(1, 3, 224, 224)
     assert max_diff(run.model, ref(x).detach(), x, "timm hub dir deit_tiny") <= TOL
+    # `architecture` names the model; another name of the family adopts its widths.
+    assert max_diff(vitkit.create_model(pretrained=tmp_path), ref(x).detach(), x, "timm hub dir, no name") <= TOL
+    with pytest.warns(UserWarning, match="adopting the checkpoint's num_classes=3, embed_dim=192, num_heads=3"):
+        ours = vitkit.create_model("deit_small_patch16_224", pretrained=tmp_path)
+    assert max_diff(ours, ref(x).detach(), x, "timm hub dir as deit_small") <= TOL
+
+
+# -- Hugging Face directories saved with transformers' default configs --------------------------------
+# Only the sizes are set: layer_norm_eps stays transformers' 1e-12 (Swin: 1e-5), qkv bias, BEiT's
+# pooling and layer scale their defaults; every case has 10 classes. Each with the registered name
+# whose defaults it differs from.
+TEN = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+           patch_size=8, num_labels=10)
+HF_DEFAULT_CASES = {
+    "vit": ("ViTForImageClassification", "ViTConfig", TEN, "vit_base_patch16_224"),
+    "deit": ("DeiTForImageClassificationWithTeacher", "DeiTConfig", TEN, "deit_base_distilled_patch16_224"),
+    "swin": ("SwinForImageClassification", "SwinConfig",
+             dict(image_size=32, patch_size=2, embed_dim=48, depths=[2, 2, 2], num_heads=[3, 6, 12], window_size=4,
+                  num_labels=10), "swin_tiny_patch4_window7_224"),
+    "beit": ("BeitForImageClassification", "BeitConfig", TEN, "beit_base_patch16_224"),
+    # Three stages, as the default; depth >= stage index + 1 (transformers indexes drop path by stage).
+    "cvt": ("CvtForImageClassification", "CvtConfig",
+            dict(embed_dim=[16, 32, 48], depth=[1, 2, 3], num_heads=[1, 2, 3], num_labels=10), "cvt_13"),
+}
+
+
+@pytest.fixture(scope="module")
+def hf_default_dirs(tmp_path_factory):
+    out = {}
+    for key, (cls, cfg, kw, _) in HF_DEFAULT_CASES.items():
+        model = _hf(cls, cfg, **kw)
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            logits = model(pixel_values=x).logits
+        path = tmp_path_factory.mktemp(f"default_{key}")
+        model.save_pretrained(path)
+        out[key] = (path, x, logits, model)
+    return out
+
+
+@pytest.mark.parametrize("key", HF_DEFAULT_CASES)
+def test_hf_default_configs_build_themselves(key, hf_default_dirs):
+    path, x, logits, _ = hf_default_dirs[key]
+    name = HF_DEFAULT_CASES[key][3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no name: the checkpoint's architecture is what was asked for
+        ours = vitkit.create_model(pretrained=path)
+    assert ours.cfg.num_classes == 10 and ours.cfg.norm_eps == (1e-12 if key in ("vit", "deit", "beit") else 1e-5)
+    assert max_diff(ours, logits, x, f"hf default {key}, no name") <= TOL
+    # With a name, what differs from the variant is adopted, all in one line.
+    with pytest.warns(UserWarning) as record:
+        ours = vitkit.create_model(name, pretrained=path)
+    lines = [str(w.message) for w in record if "adopting" in str(w.message)]
+    assert len(lines) == 1 and "\n" not in lines[0] and "num_classes=10" in lines[0], lines
+    if key in ("vit", "deit", "beit"):
+        assert "norm_eps=1e-12" in lines[0]
+    assert max_diff(ours, logits, x, f"hf default {key} as {name}") <= TOL
+
+
+def test_hf_explicit_num_classes(hf_default_dirs):
+    path, x, logits, _ = hf_default_dirs["vit"]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        same = vitkit.create_model("vit_base_patch16_224", pretrained=path, num_classes=10)
+    assert not [w for w in record if "classifier" in str(w.message)]
+    assert max_diff(same, logits, x, "hf vit, num_classes=10 given") <= TOL
+    with pytest.warns(UserWarning, match="re-initialising the classifier for 3 classes: .* has 10"):
+        new = vitkit.create_model("vit_base_patch16_224", pretrained=path, num_classes=3).eval()
+    assert new.head.weight.shape == (3, 64)
+    with torch.no_grad():
+        assert torch.allclose(new.forward_features(x), same.eval().forward_features(x))
+
+
+def test_hf_labels_become_the_run_classes(tmp_path):
+    names = ["cat", "dog", "eel"]
+    hf = _hf("ViTForImageClassification", "ViTConfig", **{**TEN, "num_labels": 3},
+             id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    hf.save_pretrained(tmp_path / "hf")
+    assert read_checkpoint(tmp_path / "hf").classes == names
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
+    assert vitkit.load_run(tmp_path / "run").classes == names
+
+
+def test_hf_and_jax_into_one_channel(hf_default_dirs, tmp_path):
+    """A grey image through the adapted model gives what the RGB original gives on its grey copy."""
+    grey = torch.randn(2, 1, 32, 32)
+    path, _, _, hf = hf_default_dirs["vit"]
+    with torch.no_grad():
+        ref = hf(pixel_values=grey.repeat(1, 3, 1, 1)).logits
+    for model in (None, "vit_base_patch16_224"):
+        with pytest.warns(UserWarning, match="3-channel images, the model takes 1: adapting the first convolution"):
+            ours = vitkit.create_model(model, pretrained=path, in_chans=1)
+        assert max_diff(ours, ref, grey, f"hf vit into 1 channel, name {model}") <= TOL
+    vit = small_timm_vit()
+    np.savez(tmp_path / "vit.npz", **jax_arrays(vit, "google"))
+    with pytest.warns(UserWarning, match="adapting the first convolution patch_embed.proj"):
+        ours = vitkit.create_model(pretrained=tmp_path / "vit.npz", in_chans=1)
+    assert max_diff(ours, vit(grey.repeat(1, 3, 1, 1)).detach(), grey, "jax vit into 1 channel") <= TOL
 
 
 # -- JAX .npz ----------------------------------------------------------------------------------------
@@ -361,12 +459,15 @@ def test_error_unsupported_hf_model_type(tmp_path):
 def test_error_hf_architecture_mismatch(hf_dirs):
     st = hf_dirs["vit"][0]
     ckpt = read_checkpoint(st)
-    wrong = {**ckpt.overrides, "num_heads": 8}  # same tensors, another computation
+    # An explicit override wins over the checkpoint; one that changes no shape but the computation fails.
     with pytest.raises(ValueError, match="num_heads=4, the model has num_heads=8"):
-        vitkit.create_model(ckpt.name, pretrained=st, **wrong)
-    del ckpt.overrides["norm_eps"]  # transformers' 1e-12, the variant's 1e-6: loads, with a warning
-    with pytest.warns(UserWarning, match="norm_eps=1e-12"):
-        vitkit.create_model(ckpt.name, pretrained=st, **ckpt.overrides)
+        vitkit.create_model(ckpt.name, pretrained=st, num_heads=8)
+    # An explicit epsilon other than transformers' 1e-12 loads, warning that outputs differ slightly.
+    with pytest.warns(UserWarning, match="trained with norm_eps=1e-12.*differ slightly"):
+        vitkit.create_model(ckpt.name, pretrained=st, norm_eps=1e-6)
+    # A name of another family is taken at its word: nothing is adopted, the differences are listed.
+    with pytest.raises(ValueError, match="was trained with .*embed_dim=64.*distilled=False"):
+        vitkit.create_model("deit_base_distilled_patch16_224", pretrained=st)
 
 
 def test_error_npz_map_head(tmp_path):
@@ -452,3 +553,8 @@ def test_run_directory_as_pretrained(tmp_path, hf_dirs):
     ours = vitkit.create_model(ckpt.name, **ckpt.overrides)
     load_pretrained(ours, tmp_path / "run", num_classes_given=False)
     assert max_diff(ours, logits, x, "vitkit run dir as pretrained") <= TOL
+    # A run names its architecture: no model name is needed, and a name of the family adopts it.
+    assert max_diff(vitkit.create_model(pretrained=tmp_path / "run"), logits, x, "run dir, no name") <= TOL
+    with pytest.warns(UserWarning, match="adopting the checkpoint's .*embed_dim=64"):
+        ours = vitkit.create_model("beit_pico_patch4_28", pretrained=tmp_path / "run")
+    assert max_diff(ours, logits, x, "run dir as beit_pico") <= TOL

@@ -10,8 +10,9 @@ from PIL import Image
 import vitkit
 from vitkit.cli import main
 from vitkit.data import load_data
-from vitkit.engine import evaluate, rundir
-from vitkit.engine.distill import DistillationLoss, Teacher, load_teacher
+import vitkit.run as vrun
+from vitkit.engine import evaluate
+from vitkit.engine.objectives.distill import DistillationLoss, Teacher, load_teacher
 from vitkit.engine.runtime import Runtime
 
 IDENTITY = ((0.0,), (1.0,))
@@ -116,7 +117,7 @@ def test_eval_averages_the_two_heads_and_reports_each():
     assert torch.allclose(out["logits"], (cls + dist) / 2, atol=1e-6)
     want = [100 * (cls.argmax(1) == y).sum().item() / 6, 100 * (dist.argmax(1) == y).sum().item() / 6]
     assert out["acc1_heads"] == pytest.approx(want)
-    assert not model.separate_heads  # restored
+    assert len(model.forward_heads(x)) == 2 and len(vitkit.create_model("vit_pico_conv4_28").eval().forward_heads(torch.randn(1, 1, 28, 28))) == 1
 
 
 def test_teacher_with_other_classes_or_without_weights_is_refused(tmp_path):
@@ -146,11 +147,12 @@ def test_deit_pipeline_from_the_cli_on_an_image_folder(tmp_path):
     folder = _digit_folder(tmp_path / "imgs")
     common = ["--data", str(folder), "--img-size", "16", "--batch-size", "16", "--warmup-epochs", "0"]
     assert main(["train", "--model", "tv:resnet18", *common, "--epochs", "3", "--out", str(tmp_path / "teacher")]) == 0
-    teacher_acc = rundir.read_metrics(tmp_path / "teacher")[-1]["val_acc1_ema"]
+    teacher_acc = vrun.read_metrics(tmp_path / "teacher")[-1]["val_acc1_ema"]
     assert main(["train", "--model", "deit_pico_distilled_conv4_28", *common, "--epochs", "4", "--teacher",
                  str(tmp_path / "teacher"), "--out", str(tmp_path / "student")]) == 0
-    cfg = rundir.read_config(tmp_path / "student")["train"]
-    assert cfg["teacher"] == str(tmp_path / "teacher") and cfg["distill"] == "hard" and cfg["alpha"] == 0.5
-    rows = rundir.read_metrics(tmp_path / "student")
+    rec = vrun.RunRecord.read(tmp_path / "student")
+    d = rec.settings["distill"]
+    assert rec.objective == "distill" and d["teacher"] == str(tmp_path / "teacher") and d["kind"] == "hard" and d["alpha"] == 0.5
+    rows = vrun.read_metrics(tmp_path / "student")
     assert {"val_acc1_cls", "val_acc1_dist"} <= set(rows[-1])
     assert teacher_acc > 40 and rows[-1]["val_acc1"] > rows[0]["val_acc1"] - 1e-9 and rows[-1]["val_acc1"] > 40

@@ -1,12 +1,17 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import vitkit
-from vitkit.engine import TrainConfig, load_run, param_groups, rundir, train, warmup_cosine
+import vitkit.engine.loop as engine_loop
+import vitkit.run as vrun
+from vitkit.engine import TrainConfig, param_groups, train, warmup_cosine
+from vitkit.run import load_run
 from vitkit.engine.runtime import Runtime
 
 FAST = dict(data="digits", model="vit_pico_conv4_28", img_size=16, epochs=2, batch_size=64, warmup_epochs=1)
@@ -47,10 +52,10 @@ def test_train_writes_run_dir_and_reloads_identically(tmp_path):
     run_dir = train(TrainConfig(**FAST, out=str(tmp_path / "run")))
     for f in ("config.yaml", "model.safetensors", "model_ema.safetensors", "checkpoint.pt", "metrics.jsonl", "curves.png"):
         assert (run_dir / f).exists(), f
-    rows = rundir.read_metrics(run_dir)
+    rows = vrun.read_metrics(run_dir)
     assert [r["epoch"] for r in rows] == [0, 1] and {"train_loss", "val_acc1", "val_acc5", "lr"} <= set(rows[0])
-    cfg = rundir.read_config(run_dir)
-    assert cfg["data"]["classes"] == [str(i) for i in range(10)] and cfg["data"]["img_size"] == [16, 16]
+    rec = vrun.RunRecord.read(run_dir)
+    assert rec.classes == [str(i) for i in range(10)] and rec.img_size == (16, 16) and rec.objective == "classify"
     run = load_run(run_dir)
     x = torch.randn(3, 1, 16, 16)
     weights = load_file(run_dir / "model_ema.safetensors")  # a run with EMA is used through its EMA weights
@@ -65,39 +70,39 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeyp
     full = train(TrainConfig(**{**FAST, "epochs": 3}, out=str(tmp_path / "full")))
 
     # Interrupt the second run right after its first checkpoint is on disk.
-    real_plot = rundir.plot_curves
+    real_plot = engine_loop.plot_curves
 
     def crash(run_dir, rows):
         real_plot(run_dir, rows)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rundir, "plot_curves", crash)
+    monkeypatch.setattr(engine_loop, "plot_curves", crash)
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(**{**FAST, "epochs": 3}, out=str(tmp_path / "cut")))
-    monkeypatch.setattr(rundir, "plot_curves", real_plot)
-    assert len(rundir.read_metrics(tmp_path / "cut")) == 1
+    monkeypatch.setattr(engine_loop, "plot_curves", real_plot)
+    assert len(vrun.read_metrics(tmp_path / "cut")) == 1
 
     train(TrainConfig(resume=str(tmp_path / "cut")))
     a, b = load_file(full / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["epoch"] for r in rundir.read_metrics(tmp_path / "cut")] == [0, 1, 2]
+    assert [r["epoch"] for r in vrun.read_metrics(tmp_path / "cut")] == [0, 1, 2]
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read checkpoint"):
-        rundir.load_checkpoint(tmp_path / "checkpoint.pt")
+        vrun.load_checkpoint(tmp_path / "checkpoint.pt")
 
 
 def test_bf16_training_step_runs_on_cpu(tmp_path):
     run_dir = train(TrainConfig(**{**FAST, "epochs": 1, "warmup_epochs": 0}, precision="bf16", out=str(tmp_path / "bf")))
-    assert rundir.read_metrics(run_dir)[0]["train_loss"] > 0
+    assert vrun.read_metrics(run_dir)[0]["train_loss"] > 0
 
 
 def test_short_real_training_reaches_accuracy(tmp_path):
     """Five epochs on mnist5k (about 30 s on 2 cores) must clear 90% on the 1,000 held-out images."""
     run_dir = train(TrainConfig(epochs=5, batch_size=64, warmup_epochs=1, out=str(tmp_path / "mnist")))
-    assert rundir.read_metrics(run_dir)[-1]["val_acc1"] >= 90.0
+    assert vrun.read_metrics(run_dir)[-1]["val_acc1"] >= 90.0
 
 
 @pytest.mark.slow
@@ -106,8 +111,8 @@ def test_default_run_reaches_98_percent(tmp_path):
     test split in its final evaluation (EMA weights, test-time shifts; six runs of the recipe:
     98.6-99.0%, and 97.7-99.1% on the plain images, docs/recipes.md). ~4.5 min on 2 cores."""
     run_dir = train(TrainConfig(out=str(tmp_path / "default")))
-    assert rundir.read_metrics(run_dir)[-1]["val_acc1_ema"] >= 97.5
-    final = json.loads((run_dir / rundir.EVAL).read_text())
+    assert vrun.read_metrics(run_dir)[-1]["val_acc1_ema"] >= 97.5
+    final = json.loads((run_dir / vrun.EVAL).read_text())
     assert final["weights"] == "ema" and final["tta_views"] == 5 and final["acc1"] >= 98.5
 
 
@@ -118,3 +123,25 @@ def test_fp16_on_cuda_always_gets_a_gradient_scaler(monkeypatch):
     assert isinstance(rt.scaler, torch.amp.GradScaler) and rt.device.type == "cuda"
     assert Runtime("cuda", "bf16").scaler is None and Runtime("cuda", "fp32").scaler is None
     assert "scaler" in rt.state_dict()
+
+
+def _folder_of(root, side: int, n: int = 8):
+    rng = np.random.default_rng(side)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (side, side - 2, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("model, side, expected", [
+    ("tv:resnet18", 22, 22),          # a CNN takes any size: the images' own
+    ("vit_pico_conv4_28", 22, 24),    # a patch-4 ViT: rounded up to a multiple of 4
+    ("vit_pico_conv4_28", 40, 28),    # larger images are resized to the model's size
+])
+def test_a_folder_of_small_images_trains_at_their_size(tmp_path, capsys, model, side, expected):
+    folder = _folder_of(tmp_path / "imgs", side)
+    run = train(TrainConfig(data=str(folder), model=model, epochs=1, batch_size=8, num_workers=0, out=str(tmp_path / "r")))
+    assert vrun.RunRecord.read(run).img_size == (expected, expected)
+    said = f"image size {expected} px: the training images are at most {side} px" in capsys.readouterr().out
+    assert said == (expected != 28)

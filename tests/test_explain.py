@@ -13,7 +13,7 @@ import vitkit
 from vitkit import explain
 from vitkit.cli import main
 from vitkit.data import load_data
-from vitkit.engine import rundir
+import vitkit.run as vrun
 from vitkit.explain import geometry
 from vitkit.models.contract import Intermediates
 
@@ -297,14 +297,11 @@ def _make_run(root: Path, name: str) -> Path:
     cfg = model.cfg
     side = cfg.img_size if isinstance(cfg.img_size, int) else cfg.img_size[0]
     out = root / name
-    rundir.save_weights(out / rundir.WEIGHTS, model.state_dict())
+    vrun.save_weights(out / vrun.WEIGHTS, model.state_dict())
     c = cfg.in_chans
-    rundir.save_config(out, {
-        "train": {"model": name, "data": "digits", "seed": 0, "val_fraction": 0.2, "num_workers": 0},
-        "model": {"name": name, "args": {**FAMILIES[name], "num_classes": 10, "in_chans": c, "img_size": [side, side]}},
-        "data": {"classes": [str(i) for i in range(10)], "in_chans": c, "img_size": [side, side], "mean": [0.2] * c,
-                 "std": [0.3] * c, "mode": "L" if c == 1 else "RGB"},
-    })
+    vrun.RunRecord(model=name, model_args={**FAMILIES[name], "num_classes": 10, "in_chans": c, "img_size": [side, side]},
+                   img_size=(side, side), in_chans=c, mean=(0.2,) * c, std=(0.3,) * c,
+                   classes=[str(i) for i in range(10)], data="digits").write(out)
     return out
 
 

@@ -88,11 +88,11 @@ def test_export_run_onnx_int8_and_preprocess_json(run_dir, tmp_path):
     assert r.parity_ok and r.batch_sizes == (1, 3) and r.max_abs_diff <= PARITY_TOL
 
     doc = json.loads(r.preprocess_file.read_text())
-    config = vitkit.load_run(run_dir).config["data"]
+    rec = vitkit.load_run(run_dir).record
     pre = doc["preprocessing"]
-    assert doc["classes"] == config["classes"] and doc["model_file"] == "model.onnx"
+    assert doc["classes"] == rec.classes and doc["model_file"] == "model.onnx"
     assert pre["img_size"] == [16, 16] and pre["mode"] == "L"
-    assert pre["mean"] == config["mean"] and pre["std"] == config["std"]
+    assert pre["mean"] == list(rec.mean) and pre["std"] == list(rec.std)
     assert doc["input"] == {"name": "image", "batch": "dynamic"} and doc["parity"]["max_abs_diff"] == r.max_abs_diff
 
     q = r.int8

@@ -2,7 +2,9 @@
 
 import pytest
 
-from vitkit.engine import TrainConfig, load_run, rundir, train
+import vitkit.run as vrun
+from vitkit.engine import TrainConfig, train
+from vitkit.run import load_run
 
 SMALL = ["vit_pico_conv4_28", "deit_pico_distilled_conv4_28", "swin_pico_patch2_window4_32", "beit_pico_patch4_28",
          "cvt_pico_28"]
@@ -14,7 +16,7 @@ def test_small_variant_learns_digits(tmp_path, name):
     swin = "swin" in name
     run_dir = train(TrainConfig(data="digits", model=name, img_size=32 if swin else 16, epochs=6 if swin else 3,
                                 batch_size=64, warmup_epochs=1, out=str(tmp_path / "run")))
-    rows = rundir.read_metrics(run_dir)
+    rows = vrun.read_metrics(run_dir)
     # Three short epochs: far from converged (plain-patch families learn slowest), but well above
     # the 10% of chance and improving, which a broken gradient or data path would not be.
     assert rows[-1]["val_acc1"] > 25.0 and rows[-1]["val_loss"] < rows[0]["val_loss"]

@@ -12,7 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ARGS = ["--data", "digits", "--epochs", "4", "--warmup-epochs", "1", "--batch-size", "32"]
+COMMON = ["--data", "digits", "--epochs", "4", "--warmup-epochs", "1", "--batch-size", "32"]
+RUNS = {  # one loop for every objective: classification and pre-training resume alike
+    "train": ["train", *COMMON],
+    "pretrain": ["pretrain", "--method", "mae", *COMMON, "--img-size", "16", "--ema", "0.99", "--accum-steps", "2"],
+}
 
 
 def _vitkit(*argv: str) -> subprocess.Popen:
@@ -22,12 +26,14 @@ def _vitkit(*argv: str) -> subprocess.Popen:
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
-    full = _vitkit("train", *ARGS, "--out", str(tmp_path / "full"))
+@pytest.mark.parametrize("command", sorted(RUNS))
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, command):
+    args = RUNS[command]
+    full = _vitkit(*args, "--out", str(tmp_path / "full"))
     assert full.wait(timeout=300) == 0, full.stdout.read()
 
     cut_dir = tmp_path / "cut"
-    cut = _vitkit("train", *ARGS, "--out", str(cut_dir))
+    cut = _vitkit(*args, "--out", str(cut_dir))
     deadline = time.time() + 300
     # Wait for the first epoch's checkpoint, then kill part-way through the second epoch.
     while not (cut_dir / "checkpoint.pt").exists():
@@ -40,10 +46,11 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     metrics = (cut_dir / "metrics.jsonl").read_text().splitlines()
     assert 1 <= len(metrics) < 4, "the kill did not land mid-run"
 
-    resumed = _vitkit("train", "--resume", str(cut_dir))
+    resumed = _vitkit(command, "--resume", str(cut_dir))
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert "resuming" in out
-    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(cut_dir / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for weights in ("model.safetensors", "model_ema.safetensors"):
+        a, b = load_file(tmp_path / "full" / weights), load_file(cut_dir / weights)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), weights
     assert len((cut_dir / "metrics.jsonl").read_text().splitlines()) == 4

@@ -15,19 +15,12 @@ from safetensors.torch import load_file
 
 from vitkit.cli import main
 from vitkit.models import create_model, get_model_entry, list_models
-from vitkit.pretrain import (
-    BeitMIM,
-    BlockwiseMaskGenerator,
-    MaskedAutoencoder,
-    PretrainConfig,
-    RandomMaskGenerator,
-    build_kmeans_tokenizer,
-    kmeans,
-    load_tokenizer,
-    patchify,
-    pretrain,
-    unpatchify,
-)
+from vitkit.engine import PretrainConfig, pretrain
+from vitkit.engine.objectives.beit import BeitMIM
+from vitkit.engine.objectives.mae import MaskedAutoencoder, patchify, unpatchify
+from vitkit.engine.objectives.masking import BlockwiseMaskGenerator, RandomMaskGenerator
+from vitkit.engine.objectives.tokenizer import build_kmeans_tokenizer, kmeans, load_tokenizer
+from vitkit.run import RunRecord
 
 FAST = ["--data", "digits", "--img-size", "16", "--batch-size", "128", "--epochs", "3", "--vocab-size", "64"]
 
@@ -129,7 +122,7 @@ def test_mae_encoder_sees_only_visible_tokens(overrides, prefix):
         blk.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
     x = torch.randn(3, 1, 28, 28)
     mask = mae.masking(3, (7, 7), "cpu")
-    out = mae(x, mask)
+    out = mae.predict(x, mask)
     assert seen == [prefix + 12] * 4  # 49 patches, 37 masked: 12 visible in every block
     assert out.pred.shape == (3, 49, 16)
     # The encoder really uses the visible patches: changing a masked patch's pixels changes nothing.
@@ -151,7 +144,7 @@ def test_mae_works_with_every_vit_family_model_at_its_size():
             mae = MaskedAutoencoder(enc)
             seen = []
             enc.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
-            out = mae(torch.empty(2, cfg.in_chans, side, side))
+            out = mae.predict(torch.empty(2, cfg.in_chans, side, side))
         N = out.mask.shape[1]
         assert seen == [enc.num_prefix_tokens + N - round(0.75 * N)], name
         assert out.pred.shape == out.target.shape == (2, N, enc.patch_embed.reduction[0] ** 2 * cfg.in_chans), name
@@ -161,9 +154,9 @@ def test_objectives_refuse_the_wrong_backbone():
     with pytest.raises(ValueError, match="ViT-family"):
         MaskedAutoencoder(create_model("beit_pico_patch4_28", num_classes=0))
     tok = build_kmeans_tokenizer(torch.rand(4, 1, 28, 28), (4, 4), (0.5,), (0.5,), vocab_size=8)
-    with pytest.raises(ValueError, match="mask token"):
+    with pytest.raises(ValueError, match="use_mask_token"):
         BeitMIM(create_model("beit_pico_patch4_28", num_classes=0), tok, mean=(0.5,), std=(0.5,))
-    with pytest.raises(ValueError, match="needs a BEiT model"):
+    with pytest.raises(ValueError, match=r"needs a model with a \[MASK\] embedding"):
         pretrain(PretrainConfig(method="beit", model="vit_pico_patch4_28", data="digits"))
 
 
@@ -226,7 +219,7 @@ def test_external_tokenizer_drives_beit(tmp_path, kind):
     assert tok.vocab_size == 8
     mim = BeitMIM(create_model("beit_pico_patch4_28", num_classes=0, use_mask_token=True), tok, mean=(0.5,), std=(0.5,))
     x = torch.randn(2, 1, 28, 28)
-    out = mim(x)
+    out = mim.predict(x)
     assert out.pred.shape == (2, 49, 8) and torch.equal(out.target, _Brightness()((x * 0.5 + 0.5).clamp(0, 1)).flatten(1))
     out.loss.backward()
 
@@ -270,13 +263,11 @@ def test_pretraining_on_real_data_lowers_its_loss_and_writes_the_run(runs, metho
 
 @pytest.mark.parametrize("method", ["mae", "beit"])
 def test_pretrained_run_loads_for_finetuning_with_only_the_head_missing(runs, method):
-    from vitkit.engine import rundir
-
     run = runs[method]
-    cfg = rundir.read_config(run)
-    name = cfg["model"]["name"]
-    assert "use_mask_token" not in cfg["model"]["args"]
-    assert {"mean", "std", "in_chans", "img_size", "mode"} <= set(cfg["data"])
+    rec = RunRecord.read(run)
+    name = rec.model
+    assert "use_mask_token" not in rec.model_args
+    assert rec.objective == method and rec.classes == [] and rec.in_chans == 1 and rec.img_size == (16, 16)
     saved = load_file(run / "model.safetensors")
     assert not any(k.startswith(("decoder", "mask_token", "lm_head", "encoder.")) for k in saved)
     classifier = create_model(name, num_classes=10, in_chans=1, img_size=16)
@@ -290,15 +281,13 @@ def test_pretrained_run_loads_for_finetuning_with_only_the_head_missing(runs, me
 
 @pytest.mark.parametrize("method", ["mae", "beit"])
 def test_cli_finetunes_a_pretrained_run(runs, method, tmp_path):
-    from vitkit.engine import rundir
-
     out = tmp_path / "ft"
     assert main(["train", "--pretrained", str(runs[method]), "--data", "digits", "--img-size", "16", "--epochs", "1",
                  "--warmup-epochs", "0", "--train-subset", "0.1", "--out", str(out)]) == 0
-    cfg = rundir.read_config(out)
-    assert cfg["model"]["name"] == rundir.read_config(runs[method])["model"]["name"]
-    assert cfg["data"]["mean"] == rundir.read_config(runs[method])["data"]["mean"]  # the pre-training normalisation
-    assert cfg["train"]["layer_decay"] == 0.75
+    rec, pre = RunRecord.read(out), RunRecord.read(runs[method])
+    assert rec.model == pre.model and rec.objective == "classify"
+    assert rec.mean == pre.mean  # the pre-training normalisation
+    assert rec.settings["layer_decay"] == 0.75
 
 
 @pytest.mark.parametrize("method", ["mae", "beit"])
@@ -343,9 +332,7 @@ def test_torchrun_pretrains_with_two_processes(tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stdout.count("run saved to") == 1
-    from vitkit.engine import rundir
-
-    assert rundir.read_config(out)["world_size"] == 2
+    assert RunRecord.read(out).world_size == 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and rows[1]["train_loss"] < rows[0]["train_loss"]
     assert main(["train", "--pretrained", str(out), "--data", "digits", "--img-size", "16", "--epochs", "1",
@@ -358,3 +345,42 @@ def test_bad_options_fail_with_one_line(tmp_path, capsys):
     assert main(["pretrain", "--method", "mae", "--model", "beit_pico_patch4_28", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "mask_ratio" in err and "ViT-family" in err
+
+
+# -- the engine's features work for pre-training as for classification ------------------------------
+def test_pretraining_with_accumulation_ema_checkpointing_and_skipped_steps(tmp_path, monkeypatch):
+    real, calls = MaskedAutoencoder.forward_loss, {"n": 0}
+
+    def nan_twice(pred, target, mask):  # steps 2 and 5 of the first epoch give a NaN loss
+        calls["n"] += 1
+        value = real(pred, target, mask)
+        return value * float("nan") if calls["n"] in (3, 6) else value
+
+    monkeypatch.setattr(MaskedAutoencoder, "forward_loss", staticmethod(nan_twice))
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="skipping step"):
+        assert main(["pretrain", "--data", "digits", "--img-size", "16", "--epochs", "2", "--batch-size", "32",
+                     "--accum-steps", "2", "--ema", "0.99", "--grad-checkpointing", "--skip-nonfinite", "2",
+                     "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["nonfinite_steps"] == 2 and rows[1]["nonfinite_steps"] == 0
+    assert {"val_loss", "val_loss_ema"} <= set(rows[-1]) and rows[-1]["train_loss"] < rows[0]["train_loss"]
+    raw, ema = load_file(out / "model.safetensors"), load_file(out / "model_ema.safetensors")
+    assert raw.keys() == ema.keys() and any(not torch.equal(raw[k], ema[k]) for k in raw)
+    rec = RunRecord.read(out)
+    assert rec.ema and rec.settings["accum_steps"] == 2 and rec.settings["grad_checkpointing"]
+    # A third NaN is one too many: the run stops, naming the step.
+    calls["n"] = 0
+    monkeypatch.setattr(MaskedAutoencoder, "forward_loss", staticmethod(lambda p, t, m: real(p, t, m) * float("nan")))
+    with pytest.raises(FloatingPointError, match="loss is nan at step 0"):
+        pretrain(PretrainConfig(data="digits", img_size=16, epochs=1, batch_size=32, out=str(tmp_path / "stop")))
+
+
+def test_pretraining_compiles(tmp_path):
+    out = tmp_path / "compiled"
+    assert main(["pretrain", "--method", "beit", "--data", "digits", "--img-size", "16", "--epochs", "1",
+                 "--batch-size", "64", "--vocab-size", "16", "--tokenizer-images", "256", "--compile",
+                 "--grad-checkpointing", "--ema", "0.99", "--accum-steps", "2", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and np.isfinite(rows[0]["train_loss"]) and np.isfinite(rows[0]["val_loss_ema"])
+    assert RunRecord.read(out).settings["compile"] is True

@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 import vitkit
 from vitkit.cli import main
 from vitkit.data import BatchMix, TensorLoader, load_data, resolve_augment
-from vitkit.engine import TrainConfig, evaluate, load_run, rundir, train
+import vitkit.run as vrun
+from vitkit.engine import TrainConfig, evaluate, train
+from vitkit.run import load_run
 from vitkit.engine.ema import create_ema, ema_decay
 from vitkit.engine.optim import create_optimizer, layer_ids, param_groups, set_lr
 from vitkit.engine.runtime import Runtime
@@ -143,7 +145,7 @@ def test_grad_accumulation_matches_the_large_batch(tmp_path):
     common = {**FAST, "model": "vit_pico_patch4_28", "augment": "none", "clip_grad": None, "lr": 3e-4, "precision": "fp32"}
     big = train(TrainConfig(**common, out=str(tmp_path / "big")))
     acc = train(TrainConfig(**{**common, "batch_size": 32}, accum_steps=2, out=str(tmp_path / "acc")))
-    a, b = load_file(big / rundir.WEIGHTS), load_file(acc / rundir.WEIGHTS)
+    a, b = load_file(big / vrun.WEIGHTS), load_file(acc / vrun.WEIGHTS)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
@@ -176,7 +178,7 @@ def test_tta_flip_averages_image_and_mirror():
 
 
 def test_tta_views_are_mirrors_and_one_pixel_shifts():
-    from vitkit.engine.loop import tta_view_count, tta_views
+    from vitkit.engine.evaluate import tta_view_count, tta_views
 
     x = torch.arange(2 * 1 * 5 * 6, dtype=torch.float).view(2, 1, 5, 6)
     views = tta_views(x, flip=True, shift=1)
@@ -221,7 +223,7 @@ def _three_class_folder(root: Path) -> Path:
 def test_fine_tuning_a_run_resets_the_head_and_keeps_the_backbone(tmp_path):
     src = train(TrainConfig(**FAST, out=str(tmp_path / "src")))
     folder = _three_class_folder(tmp_path / "three")
-    base = load_file(src / rundir.WEIGHTS)
+    base = load_file(src / vrun.WEIGHTS)
     tuned = vitkit.create_model("vit_pico_conv4_28", pretrained=str(src), num_classes=3, in_chans=1, img_size=16)
     sd = tuned.state_dict()
     assert sd["head.weight"].shape == (3, 96) and base["head.weight"].shape == (10, 96)
@@ -230,10 +232,10 @@ def test_fine_tuning_a_run_resets_the_head_and_keeps_the_backbone(tmp_path):
     # From the CLI: the model comes from the run, with the fine-tuning defaults.
     assert main(["train", "--pretrained", str(src), "--data", str(folder), "--epochs", "1", "--batch-size", "16",
                  "--warmup-epochs", "0", "--out", str(tmp_path / "ft")]) == 0
-    cfg = rundir.read_config(tmp_path / "ft")
-    assert cfg["model"]["name"] == "vit_pico_conv4_28" and cfg["data"]["classes"] == ["c0", "c1", "c2"]
-    assert cfg["train"]["lr"] == 5e-4 and cfg["train"]["layer_decay"] == 0.75
-    assert cfg["data"]["mean"] == rundir.read_config(src)["data"]["mean"]  # the weights' normalisation
+    rec = vrun.RunRecord.read(tmp_path / "ft")
+    assert rec.model == "vit_pico_conv4_28" and rec.classes == ["c0", "c1", "c2"]
+    assert rec.settings["lr"] == 5e-4 and rec.settings["layer_decay"] == 0.75
+    assert rec.mean == vrun.RunRecord.read(src).mean  # the weights' normalisation
     assert load_run(tmp_path / "ft").model.head.weight.shape == (3, 96)
 
 
@@ -244,9 +246,9 @@ def test_pretrained_weights_file_needs_a_model_name(tmp_path):
 
 def test_ema_weights_are_saved_and_used_by_load_run(tmp_path):
     run_dir = train(TrainConfig(**{**FAST, "ema": 0.99}, out=str(tmp_path / "ema")))
-    row = rundir.read_metrics(run_dir)[-1]
+    row = vrun.read_metrics(run_dir)[-1]
     assert {"val_acc1_ema", "val_loss_ema"} <= set(row)
-    ema, raw = load_file(run_dir / rundir.EMA_WEIGHTS), load_file(run_dir / rundir.WEIGHTS)
+    ema, raw = load_file(run_dir / vrun.EMA_WEIGHTS), load_file(run_dir / vrun.WEIGHTS)
     assert not torch.equal(ema["head.weight"], raw["head.weight"])
     assert torch.equal(load_run(run_dir).model.head.weight, ema["head.weight"])
     assert torch.equal(load_run(run_dir, weights="raw").model.head.weight, raw["head.weight"])
@@ -267,12 +269,12 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
                          env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert main([*args, "--batch-size", "64", "--out", str(tmp_path / "one")]) == 0
-    for f in (rundir.WEIGHTS, rundir.EMA_WEIGHTS):
+    for f in (vrun.WEIGHTS, vrun.EMA_WEIGHTS):
         a, b = load_file(tmp_path / "ddp" / f), load_file(tmp_path / "one" / f)
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, f
-    ra, rb = rundir.read_metrics(tmp_path / "ddp"), rundir.read_metrics(tmp_path / "one")
+    ra, rb = vrun.read_metrics(tmp_path / "ddp"), vrun.read_metrics(tmp_path / "one")
     assert ra[-1]["val_acc1"] == pytest.approx(rb[-1]["val_acc1"], abs=0.3)  # metrics reduced over both ranks
-    assert rundir.read_config(tmp_path / "ddp")["world_size"] == 2
+    assert vrun.RunRecord.read(tmp_path / "ddp").world_size == 2
 
 
 # -- shipped recipes ------------------------------------------------------------------------------
@@ -292,7 +294,7 @@ def test_shipped_recipes_parse_and_name_real_models(path):
 def test_linear_probe_trains_only_the_classifier(tmp_path):
     src = train(TrainConfig(**{**FAST, "model": "vit_pico_patch4_28"}, out=str(tmp_path / "src")))
     probe = train(TrainConfig(**{**FAST, "model": None}, pretrained=str(src), linear_probe=True, out=str(tmp_path / "probe")))
-    a, b = load_file(src / rundir.WEIGHTS), load_file(probe / rundir.WEIGHTS)
+    a, b = load_file(src / vrun.WEIGHTS), load_file(probe / vrun.WEIGHTS)
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("head."))
     assert not torch.equal(a["head.weight"], b["head.weight"])
     with pytest.raises(ValueError, match="linear_probe=True is invalid"):

@@ -5,14 +5,14 @@ precisions and reports, per (mode, precision): images/s, the median batch latenc
 latency for inference), peak memory, GFLOPs per image, the achieved TFLOP/s and that as a fraction
 of the matrix-multiply peak measured in the same run.
 
-A training step is the engine's: forward under `Runtime.autocast()`, fp32 cross-entropy with the
-engine's label smoothing (`classification_loss`), then `Runtime.backward_step` with the engine's
-AdamW (`create_optimizer`, weight-decay groups) and gradient clipping. Inference runs in eval mode
+A training step is the engine's: the classification objective (`Classify`: fp32 cross-entropy with
+the engine's label smoothing) under `Runtime.autocast()`, then `Runtime.backward` and
+`Runtime.step` with the engine's AdamW (`create_optimizer`, weight-decay groups) and gradient clipping. Inference runs in eval mode
 under `torch.inference_mode()` and the same autocast.
 
-The helpers `time_calls`, `interleaved`, `process_steps`, `train_step`, `bench_optimizer`,
-`infer_step`, `matmul_peak`, `PeakMemory` and `machine_info` are what the comparison scripts in
-`benchmarks/` build on.
+The helpers `time_calls`, `train_step`, `bench_optimizer`, `infer_step`, `matmul_peak`,
+`PeakMemory` and `machine_info` are what the comparison scripts in `benchmarks/` build on (with
+their own harness, `benchmarks/harness.py`: interleaved rounds, one process per library).
 """
 
 from __future__ import annotations
@@ -20,16 +20,13 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
-import importlib.util
 import json
-import multiprocessing
 import os
 import platform
 import resource
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +34,7 @@ import torch
 from torch import nn
 
 from .engine.config import TrainConfig
-from .engine.loop import classification_loss
+from .engine.objectives.classify import Classify
 from .engine.optim import create_optimizer
 from .engine.runtime import Runtime, cpu_has_bf16
 from .models import create_model, get_model_entry
@@ -88,101 +85,6 @@ def time_calls(fn: Step, n: int, sync: Callable[[], None] = _no_sync) -> list[fl
     return times
 
 
-def interleaved(steps: dict[str, Step], batch: int, *, warmup: int = 2, rounds: int = 5, target_s: float = 0.25,
-                slow_rounds: int = 3, sync: Callable[[], None] = _no_sync) -> dict[str, list[float]]:
-    """Images/s of each step in each of several interleaved rounds (the method of bench_models.py).
-
-    Each step is warmed up (`warmup` calls, cut short once a call takes longer than `target_s`:
-    it has then paid its one-off costs - kernel selection, allocator growth, optimizer state).
-    Then every round runs each step the same number of times, sized so that a round of the slowest
-    step lasts about `target_s`; steps slower than that get one call per round and at most
-    `slow_rounds` rounds. The order alternates (A B C, C B A, ...), so a machine that speeds up or
-    slows down during the run does not favour one side. Take the median over rounds.
-    """
-    last: dict[str, float] = {}
-    for name, step in steps.items():
-        for _ in range(warmup):
-            last[name] = time_calls(step, 1, sync)[0]
-            if last[name] > target_s:
-                break
-    iters = max(1, round(target_s / max(last.values()))) if last and target_s > 0 else 1
-    n_rounds = rounds if iters > 1 else min(rounds, slow_rounds)
-    rates: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
-    for r in range(max(1, n_rounds)):
-        for name in names if r % 2 == 0 else names[::-1]:
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                steps[name]()
-            sync()
-            rates[name].append(iters * batch / (time.perf_counter() - t0))
-    return rates
-
-
-def _step_worker(conn: Any, script: str, builder: str, args: tuple, env: dict[str, str]) -> None:
-    """Body of a `process_steps` worker: build the steps, then run them on request until told to stop."""
-    try:
-        os.environ.update(env)
-        spec = importlib.util.spec_from_file_location("_vitkit_bench_script", script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        steps = getattr(module, builder)(*args)
-        conn.send(("ready", list(steps)))
-    except Exception:  # the parent raises it with the worker's traceback
-        conn.send(("error", traceback.format_exc()))
-        return
-    while (name := conn.recv()) is not None:
-        try:
-            steps[name]()
-            conn.send("done")
-        except Exception:
-            conn.send(traceback.format_exc())
-
-
-class ProcessSteps:
-    """Steps that live in a process of their own (see `process_steps`); call `close()` when done."""
-
-    def __init__(self, script: str, builder: str, args: tuple = (), env: dict[str, str] | None = None) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_step_worker, args=(child, script, builder, args, env or {}), daemon=True)
-        self._proc.start()
-        try:
-            status, payload = self._conn.recv()
-        except EOFError:
-            status, payload = "error", f"the worker process exited with code {self._proc.exitcode}"
-        if status == "error":
-            self._proc.join()
-            raise RuntimeError(f"building the steps of {builder} in a worker process failed:\n{payload}")
-        self.names: list[str] = payload
-
-    def step(self, name: str) -> Step:
-        def run() -> None:
-            self._conn.send(name)
-            if (reply := self._conn.recv()) != "done":
-                raise RuntimeError(f"step {name!r} failed in its worker process:\n{reply}")
-
-        return run
-
-    def close(self) -> None:
-        if self._proc.is_alive():
-            self._conn.send(None)
-            self._proc.join(timeout=30)
-
-
-def process_steps(script: str, builder: str, *args: Any, env: dict[str, str] | None = None) -> ProcessSteps:
-    """Build the steps `script.builder(*args)` returns (a dict name -> step) in a new process.
-
-    What for: comparing libraries as their users run them. A process's state - the C allocator's
-    settings, oneDNN/MKL caches, whatever a library sets up when imported - then belongs to one
-    library only. `env` is set in the worker before `script` is loaded. Calling a step runs it
-    in the worker and waits for it; the round trip (~0.1 ms) is negligible next to a model step.
-    Only one worker computes at a time, so they do not compete for the cores.
-    """
-    return ProcessSteps(script, builder, args, env)
-
-
 def median_spread(values: list[float]) -> tuple[float, float]:
     """(median, (max - min) / median): the figure to report and how much the samples disagreed."""
     med = statistics.median(values)
@@ -205,13 +107,13 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, runtime: Runt
     model.train()
     if optimizer is None:
         optimizer = bench_optimizer(model)
-    smoothing, clip = _TRAIN_DEFAULTS["label_smoothing"], _TRAIN_DEFAULTS["clip_grad"]
+    objective, clip = Classify(model, label_smoothing=_TRAIN_DEFAULTS["label_smoothing"]), _TRAIN_DEFAULTS["clip_grad"]
 
     def step() -> None:
         with runtime.autocast():
-            out = model(x)
-        loss = classification_loss(out, y, smoothing)
-        runtime.backward_step(loss, model, optimizer, clip)
+            loss, _ = objective(x, y)
+        runtime.backward(loss)
+        runtime.step(model, optimizer, clip)
 
     return step
 

@@ -16,23 +16,26 @@ from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespac
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
+def _config_parser(config: type, description: str) -> ArgumentParser:
+    """A subcommand whose options are the fields of a typed config (objective configs as groups)."""
+    p = ArgumentParser(description=description, exit_on_error=False)
+    p.add_argument("--config", action=ActionConfigFile, help="A YAML file of the options below; flags override it.")
+    p.add_class_arguments(config, as_group=False, sub_configs=False)
+    return p
+
+
 def _train_parser() -> ArgumentParser:
     from .engine import TrainConfig
 
-    p = ArgumentParser(description="Train a model; with no options, the default small ViT on mnist5k.", exit_on_error=False)
-    p.add_argument("--config", action=ActionConfigFile, help="A YAML file of the options below; flags override it.")
-    p.add_class_arguments(TrainConfig, as_group=False, sub_configs=False)
-    return p
+    return _config_parser(TrainConfig, "Train a classifier; with no options, the default small ViT on mnist5k. "
+                          "--teacher distils it from a teacher (DeiT).")
 
 
 def _pretrain_parser() -> ArgumentParser:
-    from .pretrain import PretrainConfig
+    from .engine import PretrainConfig
 
-    p = ArgumentParser(description="Self-supervised pre-training (MAE or BEiT) on images without labels; fine-tune "
-                       "the run with `vitkit train --pretrained RUN`.", exit_on_error=False)
-    p.add_argument("--config", action=ActionConfigFile, help="A YAML file of the options below; flags override it.")
-    p.add_class_arguments(PretrainConfig, as_group=False, sub_configs=False)
-    return p
+    return _config_parser(PretrainConfig, "Self-supervised pre-training (MAE or BEiT) on images without labels; "
+                          "fine-tune the run with `vitkit train --pretrained RUN`.")
 
 
 def build_parser() -> ArgumentParser:
@@ -102,13 +105,21 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("export", ex, help="export a run for use outside vitkit")
 
     sv = ArgumentParser(description="Serve a run directory or ONNX export over HTTP: POST /predict, GET /health, "
-                        "and a web page at / to try it.", exit_on_error=False)
+                        "GET /metrics, and a web page at / to try it. A full queue answers 503 with Retry-After.",
+                        exit_on_error=False)
     sv.add_argument("path", help="a run directory, an ONNX export folder or one of its .onnx files")
     sv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max_upload_mb", type=float, default=10.0, help="larger request bodies get 413")
     sv.add_argument("--max_batch", type=int, default=32, help="most concurrent requests in one forward pass")
     sv.add_argument("--max_wait_ms", type=float, default=2.0, help="how long a batch waits for more requests")
+    sv.add_argument("--max_queue", type=int, default=64,
+                    help="most requests waiting at once (upload read, decoded or queued for a batch); more get 503 "
+                         "with Retry-After")
+    sv.add_argument("--timeout_s", type=float, default=30.0,
+                    help="a request not answered within this gets 504 and its work is dropped")
+    sv.add_argument("--max_image_pixels", type=int, default=40_000_000,
+                    help="larger images (or resized copies) get 413; decoding one costs ~14 bytes per pixel")
     sub.add_subcommand("serve", sv, help="serve predictions and a web page")
 
     bm = ArgumentParser(description="Training and inference speed of a model on this machine: images/s, latency, "
@@ -131,16 +142,33 @@ def build_parser() -> ArgumentParser:
 
 
 # On/off training switches that may be given bare (`--compile` for `--compile true`).
-_SWITCHES = {"--compile", "--grad_checkpointing", "--strict", "--tta", "--hflip", "--linear_probe"}
+_SWITCHES = {"--compile", "--grad_checkpointing", "--strict", "--tta", "--hflip", "--linear_probe", "--mae.norm_pix_loss"}
+# The objectives' settings live in their own configs; their short flags stay as users know them.
+_SHORT_FLAGS = {
+    "train": {"--teacher": "--distill.teacher", "--teacher_weights": "--distill.teacher_weights",
+              "--distill": "--distill.kind", "--alpha": "--distill.alpha", "--tau": "--distill.tau"},
+    "pretrain": {"--norm_pix_loss": "--mae.norm_pix_loss", "--decoder_dim": "--mae.decoder_dim",
+                 "--decoder_depth": "--mae.decoder_depth", "--decoder_heads": "--mae.decoder_heads",
+                 "--tokenizer": "--beit.tokenizer", "--vocab_size": "--beit.vocab_size",
+                 "--tokenizer_images": "--beit.tokenizer_images"},
+}
 
 
 def _normalize_flags(argv: list[str]) -> list[str]:
-    """Accept `--batch-size` as well as `--batch_size`, and bare switches such as `--compile`."""
+    """Accept `--batch-size` as well as `--batch_size`, bare switches such as `--compile`, and the
+    objectives' short flags (`--teacher` for `--distill.teacher`, `--mask-ratio` for `--mae.mask_ratio`)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    short = dict(_SHORT_FLAGS.get(command, {}))
+    if command == "pretrain":  # mask_ratio belongs to the method's own config
+        method = next((v for f, v in zip(argv, argv[1:]) if f == "--method"), None)
+        method = method or next((a.partition("=")[2] for a in argv if a.startswith("--method=")), "mae")
+        short["--mask_ratio"] = f"--{method}.mask_ratio"
     out = []
     for i, a in enumerate(argv):
         if a.startswith("--") and len(a) > 2:
             name, eq, val = a[2:].partition("=")
-            a = "--" + name.replace("-", "_") + eq + val
+            flag = "--" + name.replace("-", "_")
+            a = short.get(flag, flag) + eq + val
         out.append(a)
         if a in _SWITCHES and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             out.append("true")
@@ -151,13 +179,18 @@ def train_config(ns: Namespace):
     """The checked `TrainConfig` of a parsed `vitkit train` namespace."""
     from .engine import TrainConfig
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(ns).items() if k in fields})
+    return _typed(TrainConfig, ns)
 
 
 def _main_process() -> bool:
     """False in the other processes of a torchrun job, which would print the same lines again."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def _typed(config: type, ns: Namespace):
+    """The checked config dataclass of a parsed namespace (nested objective configs included)."""
+    d = ns.as_dict()
+    return config(**{f.name: d[f.name] for f in dataclasses.fields(config) if f.name in d})
 
 
 def cmd_train(ns: Namespace) -> int:
@@ -170,10 +203,9 @@ def cmd_train(ns: Namespace) -> int:
 
 
 def cmd_pretrain(ns: Namespace) -> int:
-    from .pretrain import PretrainConfig, pretrain
+    from .engine import PretrainConfig, pretrain
 
-    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
-    run_dir = pretrain(PretrainConfig(**{k: v for k, v in vars(ns).items() if k in fields}))
+    run_dir = pretrain(_typed(PretrainConfig, ns))
     if _main_process():
         print(f"run saved to {run_dir}; fine-tune it with: vitkit train --pretrained {run_dir} --data ...")
     return 0
@@ -196,8 +228,7 @@ def cmd_eval(ns: Namespace) -> int:
 
 def _readable_images(patterns: list[str], command: str) -> tuple[list[Path], int]:
     """The images `patterns` name that decode, and how many did not (each reported on stderr)."""
-    from .data import check_image
-    from .engine import expand_images
+    from .preprocess import check_image, expand_images
 
     files, bad = [], 0
     for f in expand_images(patterns):
@@ -214,8 +245,8 @@ def _readable_images(patterns: list[str], command: str) -> tuple[list[Path], int
 
 def cmd_explain(ns: Namespace) -> int:
     """Overlays for every readable image; unreadable ones are reported on stderr (exit 1)."""
-    from .engine import load_run
     from .explain import METHODS, explain_files
+    from .run import load_run
 
     run = load_run(ns.run_dir, ns.device)
     files, bad = _readable_images(ns.images, "explain")
@@ -229,7 +260,7 @@ def cmd_explain(ns: Namespace) -> int:
 
 def cmd_predict(ns: Namespace) -> int:
     """Predict every readable image; report unreadable ones on stderr and exit 1 if there were any."""
-    from .engine import load_run
+    from .run import load_run
 
     run = load_run(ns.run_dir, ns.device)
     files, bad = _readable_images(ns.images, "predict")
@@ -303,7 +334,8 @@ def cmd_serve(ns: Namespace) -> int:
         from .serve import serve
 
         serve(ns.path, ns.host, ns.port, max_upload_bytes=int(ns.max_upload_mb * 2**20), max_batch=ns.max_batch,
-              max_wait_ms=ns.max_wait_ms)
+              max_wait_ms=ns.max_wait_ms, max_queue=ns.max_queue, timeout_s=ns.timeout_s,
+              max_image_pixels=ns.max_image_pixels)
     except ImportError as e:  # fastapi / uvicorn / python-multipart (or onnxruntime for an export) missing
         raise RuntimeError(f"vitkit serve needs the serve extra: pip install 'vitkit[serve]' ({e})") from e
     return 0

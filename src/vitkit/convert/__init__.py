@@ -5,9 +5,9 @@
     jax.py     JAX ViT .npz: the ViT paper's release and big_vision
 
 `vitkit.convert` may import from `vitkit.models`; `vitkit.models` imports it only lazily, inside
-`load_weights`, so that `create_model(name, pretrained=PATH)` takes every format. Nothing is ever
-unpickled: safetensors, `torch.load(weights_only=True)` and `numpy.load(allow_pickle=False)` only.
-See docs/weights.md.
+`load_weights` and `create_model`, so that `create_model([name], pretrained=PATH)` takes every
+format. Nothing is ever unpickled: safetensors, `torch.load(weights_only=True)` and
+`numpy.load(allow_pickle=False)` only. See docs/weights.md.
 """
 
 from __future__ import annotations
@@ -16,18 +16,20 @@ import dataclasses
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-from ..engine import rundir
+from ..run import CONFIG, WEIGHTS, RunRecord, save_weights
 from ..models import create_model, get_model_entry, model_config, read_state_dict
 from ..models.weights import WEIGHTS_NAME, load_state
-from .common import Checkpoint, square
+from .common import Checkpoint, closest_variant, square
 from .hf import read_hf
 from .jax import read_npz
 from .timm import convert_timm, resize_swin_bias_tables, timm_overrides
 
-__all__ = ["Checkpoint", "convert", "detect_format", "load_pretrained", "read_checkpoint", "resolve_source"]
+__all__ = ["Checkpoint", "build_pretrained", "convert", "detect_format", "load_pretrained", "read_checkpoint",
+           "resolve_source"]
 
 FORMATS = ("vitkit-run", "safetensors", "torch", "hf", "jax-npz")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -35,9 +37,11 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 HUB_FILES = ["config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin"]
 # Config fields a loaded checkpoint may differ in: the load adapts them (resampled positions, a new
-# head) or they only matter in training (dropout).
-ADAPTABLE = {"img_size", "num_classes", "drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate",
-             "drop_path_rate"}
+# head, the first convolution's input channels) or they only matter in training (dropout).
+ADAPTABLE = {"img_size", "num_classes", "in_chans", "drop_rate", "pos_drop_rate", "proj_drop_rate",
+             "attn_drop_rate", "drop_path_rate"}
+# Formats whose checkpoints state their whole architecture; timm files state only what the tensors show.
+STATED = ("hf", "jax-npz")
 # Fields that change the outputs only slightly: a warning, not an error (transformers' ViT and BEiT
 # use LayerNorm epsilon 1e-12 where the registered variants, like timm, use 1e-6).
 NUMERIC = {"norm_eps"}
@@ -94,27 +98,40 @@ def read_checkpoint(path: str | Path, name: str | None = None) -> Checkpoint:
         return read_hf(path, name)
     if fmt == "jax-npz":
         return read_npz(path, name)
-    if fmt == "vitkit-run" and (path / rundir.CONFIG).exists():
+    if fmt == "vitkit-run" and (path / CONFIG).exists():
         return _read_run(path, name)
     state = convert_timm(read_state_dict(path))  # a timm file, or a bare folder holding model.safetensors
     return Checkpoint(state, name, timm_overrides(state, get_model_entry(name).config) if name else {})
 
 
 def load_pretrained(model: nn.Module, path: str | Path, *, num_classes_given: bool, strict: bool = True) -> None:
-    """Load any supported checkpoint into `model` (what `create_model(name, pretrained=path)` calls).
+    """Load any supported checkpoint into an already built `model` (what `load_weights` calls).
 
     A Hugging Face or JAX checkpoint must match the model's architecture in every field but
-    `ADAPTABLE` (`NUMERIC` ones warn): some differences, like the number of heads, change no shape. Position tables are resampled by the
-    families' load hooks, Swin bias tables resized to the model's window. With
+    `ADAPTABLE` (`NUMERIC` ones warn): some differences, like the number of heads, change no shape.
+    Position tables are resampled by the families' load hooks, Swin bias tables resized to the
+    model's window, the first convolution adapted to the model's input channels. With
     `num_classes_given`, a classifier of another class count is re-initialised with a warning; any
     other missing or unexpected key is an error.
     """
     path = resolve_source(path)
-    ckpt = read_checkpoint(path)
-    if detect_format(path) in ("hf", "jax-npz") and ckpt.name is not None:
-        _check_architecture(model, ckpt, path)
-    state = resize_swin_bias_tables(ckpt.state, {k: v.shape for k, v in model.state_dict().items()})
-    load_state(model, state, source=path, reset_head=num_classes_given, strict=strict)
+    _load_checkpoint(model, read_checkpoint(path), path, num_classes_given=num_classes_given, strict=strict)
+
+
+def build_pretrained(src: str | Path, name: str | None = None, **overrides: Any) -> nn.Module:
+    """Build the model a checkpoint holds and load it (what `create_model([name], pretrained=src)` calls).
+
+    The architecture comes from the checkpoint: without `name` it must state one (a Hugging Face
+    directory, a JAX `.npz`, a vitkit run; timm files do not), and with `name` every field in which
+    the checkpoint differs from that registered variant is adopted, said in one warning line.
+    `overrides` win over the checkpoint: `num_classes` re-initialises a classifier of another
+    size, `img_size` resamples positions, `in_chans` adapts the first convolution (each says so);
+    an architecture field that contradicts a Hugging Face or JAX checkpoint is an error. A
+    checkpoint of another family than `name`'s is loaded into that variant as it is, so the
+    strict load names the keys that do not fit.
+    """
+    model, _, _ = _build(src, name, overrides)
+    return model
 
 
 def convert(
@@ -131,47 +148,84 @@ def convert(
     it picks the registered variant to describe the architecture with (overrides fill the rest).
     `num_classes` other than the checkpoint's re-initialises the head; `img_size` resamples positions.
     """
-    path, out = resolve_source(src), Path(out_dir)
-    if (out / rundir.CONFIG).exists():
+    out = Path(out_dir)
+    if (out / CONFIG).exists():
         raise FileExistsError(f"{out} already holds a run; choose another output directory")
-    ckpt = read_checkpoint(path, model)
-    if ckpt.name is None:
-        raise ValueError(f"{src} does not name a registered architecture (timm files never do); pass --model NAME")
+    given = {k: v for k, v in (("num_classes", num_classes), ("img_size", img_size)) if v is not None}
+    net, ckpt, path = _build(src, model, given)
     entry = get_model_entry(ckpt.name)
-    args = dict(ckpt.overrides)
-    source_classes = args.get("num_classes", entry.config.num_classes)
-    args.update({k: v for k, v in (("num_classes", num_classes), ("img_size", img_size)) if v is not None})
-    net = create_model(ckpt.name, **args)
-    state = resize_swin_bias_tables(ckpt.state, {k: v.shape for k, v in net.state_dict().items()})
-    load_state(net, state, source=path, reset_head=net.cfg.num_classes != source_classes)
+    args = {**_adopted(ckpt, model, given), **given}  # what the model was built with
+    source_classes = ckpt.overrides.get("num_classes", entry.config.num_classes)
 
     cfg = net.cfg
     size = (cfg.img_size, cfg.img_size) if isinstance(cfg.img_size, int) else tuple(cfg.img_size)
     n = cfg.num_classes
+    # The source's label names (Hugging Face `id2label`, timm `label_names`), unless the head is new.
     classes = ckpt.classes if ckpt.classes and n == source_classes else [str(i) for i in range(n)]
-    rundir.save_weights(out / rundir.WEIGHTS, net.state_dict(), {"model": ckpt.name, "source": str(src)})
-    rundir.save_config(out, {
-        # Nothing was trained here; `data` names no data set, so `vitkit eval` needs --data.
-        "train": {"model": ckpt.name, "pretrained": str(src), "data": "none: converted weights, pass --data",
-                  "seed": 0, "val_fraction": 0.2, "num_workers": 0},
-        "model": {"name": ckpt.name,
-                  "args": {**args, "num_classes": n, "in_chans": cfg.in_chans, "img_size": list(size)}},
-        "data": {"classes": classes, "in_chans": cfg.in_chans, "img_size": list(size),
-                 "mean": list(ckpt.mean or entry.mean), "std": list(ckpt.std or entry.std),
-                 "mode": "L" if cfg.in_chans == 1 else "RGB"},
-    })
+    save_weights(out / WEIGHTS, net.state_dict(), {"model": ckpt.name, "source": str(src)})
+    # Nothing was trained here: the record names no data set, so `vitkit eval` needs --data.
+    RunRecord(
+        model=ckpt.name, model_args={**args, "num_classes": n, "in_chans": cfg.in_chans, "img_size": list(size)},
+        img_size=size, in_chans=cfg.in_chans, mean=_per_channel(ckpt.mean or entry.mean, cfg.in_chans),
+        std=_per_channel(ckpt.std or entry.std, cfg.in_chans), classes=classes, objective="converted", source=str(src),
+    ).write(out)
     return out
 
 
 def _read_run(path: Path, name: str | None) -> Checkpoint:
     state = read_state_dict(path)
-    config = rundir.read_config(path)
+    rec = RunRecord.read(path)
     # YAML has no tuples; the registry's tuple-typed fields (Swin depths, ...) need them back.
-    args = {k: tuple(v) if isinstance(v, list) else v for k, v in config["model"]["args"].items()}
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in rec.model_args.items()}
     args["img_size"] = square(args["img_size"])
-    d = config["data"]
-    name = name or config["model"]["name"]
-    return Checkpoint(state, name, args, list(d["classes"]), tuple(d["mean"]), tuple(d["std"]))
+    family = get_model_entry(rec.model).family
+    if name is not None and name != rec.model:  # the run's architecture as overrides of the variant asked for
+        name, args = closest_variant(model_config(rec.model, **args), family, name)
+    return Checkpoint(state, name or rec.model, args, list(rec.classes), rec.mean, rec.std, family)
+
+
+def _per_channel(values: tuple[float, ...], in_chans: int) -> tuple[float, ...]:
+    """Normalisation statistics for `in_chans` channels: ImageNet's RGB ones averaged for a grey model."""
+    if len(values) == in_chans:
+        return tuple(values)
+    return (sum(values) / len(values),) * in_chans
+
+
+def _build(src: str | Path, name: str | None, given: dict[str, Any]) -> tuple[nn.Module, Checkpoint, Path]:
+    """`build_pretrained`, also returning the checkpoint and its local path (`convert` writes both)."""
+    path = resolve_source(src)
+    ckpt = read_checkpoint(path, name)
+    if ckpt.name is None:
+        raise ValueError(f"{src} does not name its architecture (timm and plain weights files never do); "
+                         "pass a model name (vitkit convert: --model NAME)")
+    adopted = _adopted(ckpt, name, given)
+    model = create_model(ckpt.name, **adopted, **given)
+    _load_checkpoint(model, ckpt, path, num_classes_given="num_classes" in given)
+    if name is not None:  # without a name the checkpoint's architecture is what was asked for
+        differ = {k: v for k, v in adopted.items() if getattr(get_model_entry(name).config, k) != v}
+        if differ:
+            warnings.warn(f"{path}: adopting the checkpoint's " + ", ".join(f"{k}={v!r}" for k, v in differ.items())
+                          + f" over the defaults of {name!r}")
+    return model, ckpt, path
+
+
+def _adopted(ckpt: Checkpoint, name: str | None, given: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's config fields that `given` does not set, when the checkpoint may describe `name`.
+
+    A checkpoint of another family (a ViT run asked to load as a DeiT) is not reshaped into it: the
+    name is taken at its word and the strict load reports what does not fit.
+    """
+    if name is not None and ckpt.family is not None and ckpt.family != get_model_entry(name).family:
+        return {}
+    return {k: v for k, v in ckpt.overrides.items() if k not in given}
+
+
+def _load_checkpoint(model: nn.Module, ckpt: Checkpoint, path: Path, *, num_classes_given: bool,
+                     strict: bool = True) -> None:
+    if detect_format(path) in STATED and ckpt.name is not None:
+        _check_architecture(model, ckpt, path)
+    state = resize_swin_bias_tables(ckpt.state, {k: v.shape for k, v in model.state_dict().items()})
+    load_state(model, state, source=path, reset_head=num_classes_given, strict=strict)
 
 
 def _check_architecture(model: nn.Module, ckpt: Checkpoint, path: Path) -> None:
@@ -185,10 +239,11 @@ def _check_architecture(model: nn.Module, ckpt: Checkpoint, path: Path) -> None:
     slight = [f for f in differ if f in NUMERIC]
     if slight:
         warnings.warn(f"{path} was trained with " + ", ".join(f"{f}={getattr(theirs, f)!r}" for f in slight)
-                      + "; the model's differs, so outputs differ slightly (pass it as an override to match)")
+                      + "; the model's differs, so outputs differ slightly (leave the override out to adopt it)")
         differ = [f for f in differ if f not in NUMERIC]
     if differ:
         want = ", ".join(f"{f}={getattr(theirs, f)!r}" for f in differ)
         have = ", ".join(f"{f}={getattr(ours, f)!r}" for f in differ)
-        raise ValueError(f"{path} was trained with {want}, the model has {have}; build it with those "
-                         f"overrides of {ckpt.name!r}, or use `vitkit convert`")
+        raise ValueError(f"{path} was trained with {want}, the model has {have}; leave out what contradicts the "
+                         "checkpoint (overrides, a model name of another family) to build its own architecture, "
+                         "or use `vitkit convert`")

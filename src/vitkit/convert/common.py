@@ -21,7 +21,9 @@ class Checkpoint:
     """A source checkpoint in vitkit's (timm's) parameter names, with what it says about itself.
 
     `name`/`overrides` are the registered variant and config fields that rebuild the exact
-    architecture, when the source states it (Hugging Face config, JAX array shapes) or is told it.
+    architecture, when the source states it (Hugging Face config, JAX array shapes, a vitkit run)
+    or is told it. `family` is the registry family the source itself is of, when it says
+    (`create_model` adopts a checkpoint's architecture only into a variant of that family).
     """
 
     state: dict[str, torch.Tensor]
@@ -30,6 +32,7 @@ class Checkpoint:
     classes: list[str] | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    family: str | None = None
 
 
 def rename(state: dict[str, torch.Tensor], table: list[tuple[str, Target]], source: str) -> dict[str, torch.Tensor]:

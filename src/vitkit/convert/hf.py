@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..models import get_model_entry, list_models, read_state_dict
+from ..models import get_model_entry, list_models, model_config, read_state_dict
 from .common import Checkpoint, Target, closest_variant, config_class, rename, square
 from .timm import convert_timm, timm_overrides
 
@@ -219,7 +219,7 @@ def read_hf(path: Path, name: str | None = None) -> Checkpoint:
     num_classes = 0 if head is None else head.shape[0]
     name, overrides = closest_variant(config_from_hf({**HF_DEFAULTS[model_type], **config}, num_classes), family, name)
     mean, std = _normalisation(path)
-    return Checkpoint(state, name, overrides, _labels(config, num_classes), mean, std)
+    return Checkpoint(state, name, overrides, _labels(config, num_classes), mean, std, family)
 
 
 def _fold_single_deit_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -239,22 +239,28 @@ def _cvt(path: Path, config: dict[str, Any], state: dict[str, torch.Tensor], nam
     target = config_class("cvt")(**hf_cvt.cvt_config_from_hf(config))
     name, overrides = closest_variant(target, "cvt", name)
     classes = _labels(config, target.num_classes)
-    return Checkpoint(hf_cvt.convert_hf_cvt(state), name, overrides, classes, *_normalisation(path))
+    return Checkpoint(hf_cvt.convert_hf_cvt(state), name, overrides, classes, *_normalisation(path), "cvt")
 
 
 def _timm_hub(config: dict[str, Any], state: dict[str, torch.Tensor], name: str | None) -> Checkpoint:
     """timm's hub layout: `config.json` names the timm architecture, the weights are a timm state dict."""
     state = convert_timm(state)
-    name = name or (config["architecture"] if config["architecture"] in list_models() else None)
-    if name is None:  # a timm model vitkit does not register: loadable into a given model only
+    registered = config["architecture"] if config["architecture"] in list_models() else None
+    family = get_model_entry(registered).family if registered else None
+    if name is None and registered is None:  # a timm model vitkit does not register: loadable into a given model only
         return Checkpoint(state)
-    overrides = timm_overrides(state, get_model_entry(name).config)
+    if registered is not None:  # the named architecture as overrides of the variant asked for
+        own = model_config(registered, **timm_overrides(state, get_model_entry(registered).config))
+        name, overrides = closest_variant(own, family, name or registered)
+    else:
+        overrides = timm_overrides(state, get_model_entry(name).config)
     pre = config.get("pretrained_cfg", {})
     mean, std = pre.get("mean"), pre.get("std")
     labels = config.get("label_names")
     n = overrides.get("num_classes", get_model_entry(name).config.num_classes)
     classes = list(labels) if labels and len(labels) == n else None
-    return Checkpoint(state, name, overrides, classes, tuple(mean) if mean else None, tuple(std) if std else None)
+    return Checkpoint(state, name, overrides, classes, tuple(mean) if mean else None, tuple(std) if std else None,
+                      family)
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -102,7 +102,8 @@ def convert_jax(arrays: dict[str, np.ndarray], source: str = "npz", name: str | 
         if key in state:
             expect_shape(key, state[key], shape)
     name, overrides = closest_variant(target, "vit", name)
-    return Checkpoint(state, name, overrides, None, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # both scale inputs to [-1, 1]
+    # Both code bases scale inputs to [-1, 1].
+    return Checkpoint(state, name, overrides, None, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), family="vit")
 
 
 def _strip_prefix(arrays: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:

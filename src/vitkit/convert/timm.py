@@ -47,17 +47,22 @@ def timm_overrides(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, Any]:
 
     The class count (classifier rows), input channels (patch projection) and, where a table has a
     square grid (ViT `pos_embed`, BEiT bias tables), the image size. Swin's tables depend on the
-    window only, so its image size stays the variant's.
+    window only, so its image size stays the variant's. A convolutional stem or a hybrid's ResNet
+    feeds `patch_embed.proj` features, not pixels: their channels and size are left to the variant
+    (a channel count that differs is adapted on loading).
     """
     found: dict[str, Any] = {}
     head = state.get("head.weight", state.get("head.fc.weight"))
-    found["num_classes"] = 0 if head is None else head.shape[0]
+    if head is not None:
+        found["num_classes"] = head.shape[0]
+    elif any("patch_embed." in k for k in state):  # a headless transformer; torchvision CNNs name theirs fc, classifier
+        found["num_classes"] = 0
     proj = state.get("patch_embed.proj.weight")
-    if proj is not None and hasattr(cfg, "in_chans"):
-        found["in_chans"] = proj.shape[1]
     patch = getattr(cfg, "patch_size", None)
-    if proj is not None and isinstance(patch, int) and proj.shape[-1] == patch:
-        grid = _grid(state)
+    if proj is not None and getattr(cfg, "embed_layer", "patch") == "patch" and isinstance(patch, int):
+        if hasattr(cfg, "in_chans"):
+            found["in_chans"] = proj.shape[1]
+        grid = _grid(state) if proj.shape[-1] == patch else None
         if grid is not None:
             found["img_size"] = grid * patch
     return {k: v for k, v in found.items() if hasattr(cfg, k) and getattr(cfg, k) != v}

@@ -16,10 +16,8 @@ import torch
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
-from ..models.registry import IMAGENET_MEAN, IMAGENET_STD
-from .transforms import GRAY_MODES, check_image
+from ..preprocess import GRAY_MODES, IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, check_image
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 BUILTIN = ("mnist5k", "digits")
 # torchvision data sets that fit in memory, by the names people use.
 TORCHVISION = {
@@ -269,8 +267,23 @@ def _folder(root: Path, *, seed: int, val_fraction: float, strict: bool) -> Data
         mean=mean,
         std=std,
         hflip=True,
+        native_size=largest_side(tr_files),
         skipped=skipped,
     )
+
+
+def largest_side(files: list[Path], sample: int = 256) -> tuple[int, int] | None:
+    """`(s, s)`, s the largest side among (an evenly spaced sample of) the images, read from their
+    headers only; what a folder of small images trains at by default (`engine.loop`)."""
+    step = max(1, len(files) // sample)
+    sides = []
+    for f in files[::step]:
+        try:
+            with Image.open(f) as im:
+                sides.append(max(im.size))
+        except (OSError, ValueError):
+            continue
+    return (max(sides), max(sides)) if sides else None
 
 
 def load_unlabeled(source: str, *, seed: int = 0, val_fraction: float = 0.05, strict: bool = False) -> DataBundle:

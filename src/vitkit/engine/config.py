@@ -1,36 +1,141 @@
-"""The typed training configuration. YAML files and command-line flags are checked against it."""
+"""The typed configuration of a run: the fields every objective shares once, and a small config per objective.
+
+`TrainConfig` (`vitkit train`: classification, with `distill` for a teacher) and `PretrainConfig`
+(`vitkit pretrain`: `mae` or `beit`) extend `FitConfig`, which `engine.fit` runs. YAML files and
+command-line flags are checked against these types.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-
 DEFAULT_MODEL = "vit_pico_conv4_28"
+# The small variants that pre-train on mnist5k in minutes on a CPU (patch projection, not the conv
+# stem: overlapping convolutions would let a masked patch's pixels leak into its visible neighbours).
+DEFAULT_PRETRAIN_MODELS = {"mae": "vit_pico_patch4_28", "beit": "beit_pico_patch4_28"}
+
+
+def _check(obj: Any, checks: dict[str, tuple[bool, str]]) -> None:
+    """Raise one line for the first invalid field; then the Literal checks the CLI's parser makes."""
+    for name, (ok, allowed) in checks.items():
+        if not ok:
+            raise ValueError(f"{name}={getattr(obj, name)!r} is invalid: must be {allowed}")
+    for name, hint in typing.get_type_hints(type(obj)).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]  # Optional[Literal[...]]
+        lit = hint if typing.get_origin(hint) is Literal else next((a for a in args if typing.get_origin(a) is Literal), None)
+        value = getattr(obj, name)
+        if lit is not None and value is not None and value not in typing.get_args(lit):
+            raise ValueError(f"{name}={value!r} is not one of: {', '.join(typing.get_args(lit))}")
+
+
+def _sub(value: Any, cls: type) -> Any:
+    """A sub-config given as a dict (YAML, the Python API) becomes its dataclass; unknown keys raise."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a {cls.__name__} or a mapping, got {value!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(value) - known)
+    if bad:
+        raise ValueError(f"unknown {cls.__name__} field {bad[0]!r}; valid: {', '.join(sorted(known))}")
+    return cls(**value)
+
+
+# -- objective configs -----------------------------------------------------------------------------
 
 
 @dataclass
-class TrainConfig:
-    """Everything a training run needs; saved as `config.yaml` in the run directory.
+class DistillConfig:
+    """DeiT distillation (Touvron et al. 2021): a frozen teacher's predictions as a second target."""
 
-    The defaults train `vit_pico_conv4_28` on `mnist5k` to 98.6-99.0% test top-1 in the final
-    evaluation (EMA weights, test-time shifts; mean 98.8% over nine runs; 97.7-99.1% on the plain
-    images) in about 4 minutes on two CPU cores (docs/recipes.md).
-    """
+    teacher: str | None = None
+    """A vitkit run directory, a registered model (`tv:resnet18`, `deit_...`) with teacher_weights,
+    or `timm:NAME` with teacher_weights. Must predict the data's classes."""
+    teacher_weights: str | None = None
+    """Weights file for a teacher given by name."""
+    kind: Literal["none", "soft", "hard"] | None = None
+    """Distillation loss: default hard with a teacher (DeiT's better one), none without."""
+    alpha: float | None = None
+    """Weight of the teacher term: default 0.5 (hard) / 0.1 (soft), as in DeiT."""
+    tau: float = 3.0
+    """Softmax temperature of soft distillation."""
+
+    def resolve(self) -> DistillConfig:
+        """Fill in the defaults that depend on other fields, and check. (Not in `__post_init__`: the
+        CLI builds its defaults from an instance, which must keep them unresolved.)"""
+        if self.kind is None:
+            self.kind = "hard" if self.teacher else "none"
+        if self.alpha is None:
+            self.alpha = 0.1 if self.kind == "soft" else 0.5
+        if self.kind != "none" and self.teacher is None:  # named as the user knows the flag
+            raise ValueError(f"distill={self.kind!r} is invalid: must be none without a --teacher")
+        _check(self, {"alpha": (0 <= self.alpha <= 1, "in [0, 1]"), "tau": (self.tau > 0, "> 0")})
+        return self
+
+
+@dataclass
+class MAEConfig:
+    """Masked autoencoder (He et al. 2022): reconstruct the pixels of masked patches."""
+
+    mask_ratio: float = 0.75
+    """Share of patches masked (uniformly at random)."""
+    norm_pix_loss: bool = True
+    """Predict each patch's pixels normalised by the patch's own mean and std (MAE's better target)."""
+    decoder_dim: int | None = None
+    """Width of the light decoder (discarded after pre-training); default half the encoder's, at least 64."""
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+
+    def __post_init__(self) -> None:
+        _check(self, {
+            "mask_ratio": (0 < self.mask_ratio < 1, "in (0, 1)"),
+            "decoder_dim": (self.decoder_dim is None or (self.decoder_dim > 0 and self.decoder_dim % (4 * self.decoder_heads) == 0),
+                            "a positive multiple of 4 * decoder_heads"),
+            "decoder_depth": (self.decoder_depth >= 1, ">= 1"),
+            "decoder_heads": (self.decoder_heads >= 1, ">= 1"),
+        })
+
+
+@dataclass
+class BEiTConfig:
+    """BEiT masked image modeling (Bao et al. 2022): predict the visual tokens of masked patches."""
+
+    mask_ratio: float = 0.4
+    """Share of patches masked, in blocks."""
+    tokenizer: str = "kmeans"
+    """'kmeans' builds a k-means codebook over the training images' patches (saved as
+    RUN/tokenizer.safetensors); or a file: a saved k-means tokenizer, a TorchScript file or a
+    torch.export .pt2 mapping images in [0, 1] to token ids (docs/pretraining.md)."""
+    vocab_size: int = 512
+    """Codebook size of a k-means tokenizer; for an external one without a vocab_size attribute, its size."""
+    tokenizer_images: int = 4000
+    """Training images whose patches build the k-means codebook (at most 100,000 patches are sampled)."""
+
+    def __post_init__(self) -> None:
+        _check(self, {"mask_ratio": (0 < self.mask_ratio < 1, "in (0, 1)"), "vocab_size": (self.vocab_size >= 2, ">= 2"),
+                      "tokenizer_images": (self.tokenizer_images >= 1, ">= 1")})
+
+
+# -- the shared fields and the two run kinds -------------------------------------------------------
+
+
+@dataclass
+class FitConfig:
+    """The fields every objective shares: data, model, optimisation, precision and the run directory."""
 
     data: str = "mnist5k"
     """Built-in name (mnist5k, digits), torchvision name (cifar10, mnist, ...) or an image folder."""
     model: str | None = None
-    """A name from `vitkit models`; default: the model of the --pretrained run, else vit_pico_conv4_28."""
+    """A name from `vitkit models`; default: the --pretrained run's model, else the objective's default."""
     model_args: dict[str, Any] = field(default_factory=dict)
     """Overrides of the model's config fields, e.g. {depth: 6, drop_path_rate: 0.1}."""
     pretrained: str | None = None
-    """Fine-tune from a run directory or weights file (timm, Hugging Face, JAX): the classifier is
-    re-initialised for the data's classes, position embeddings are resampled to img_size, and the
-    fine-tuning defaults apply (lr 5e-4, layer_decay 0.75)."""
-    linear_probe: bool = False
-    """With --pretrained: train only the new classifier on frozen features (a linear probe)."""
+    """Start from a run directory or weights file (timm, Hugging Face, JAX): position embeddings are
+    resampled to img_size; for classification the classifier is re-initialised for the data's
+    classes and the fine-tuning defaults apply (lr 5e-4, layer_decay 0.75)."""
     img_size: int | None = None
     """Input side in pixels; default: the model's."""
     epochs: int = 40
@@ -40,11 +145,12 @@ class TrainConfig:
     models at batch 32; lower it for large ones), 5e-4 when fine-tuning."""
     min_lr: float = 1e-5
     weight_decay: float = 0.05
-    warmup_epochs: float = 2.0
+    warmup_epochs: float | None = None
+    """Linear warmup, then cosine decay. Default: min(2, epochs / 2) for training, a tenth of the
+    epochs for pre-training (MAE: 40 of 400), so short runs need no arithmetic."""
     layer_decay: float | None = None
     """Layer-wise lr decay: block i of L trains at lr * layer_decay**(L + 1 - i), the embeddings at
     layer_decay**(L + 1); default 0.75 when fine-tuning, off (1.0) from scratch."""
-    label_smoothing: float = 0.1
     clip_grad: float | None = 1.0
     """Clip the global gradient norm; null disables."""
     accum_steps: int = 1
@@ -53,35 +159,11 @@ class TrainConfig:
     """Preset sized to the budget. light: translation (in memory) or random resized crop (folders)
     plus flips where labels allow; medium: + RandAugment and Mixup 0.2; strong (DeiT, for long
     runs): + random erasing 0.25 and Mixup 0.8 / CutMix 1.0."""
-    auto_augment: Literal["none", "randaugment", "trivialaugment", "autoaugment"] | None = None
-    """Override the preset's per-image policy."""
-    mixup: float | None = None
-    """Override the preset's Mixup alpha (0 disables)."""
-    cutmix: float | None = None
-    """Override the preset's CutMix alpha (0 disables)."""
-    random_erasing: float | None = None
-    """Override the preset's random-erasing probability."""
     hflip: bool | None = None
     """Horizontal flips; default: on for photos, off for digits."""
-    teacher: str | None = None
-    """DeiT distillation teacher: a vitkit run directory, a registered model (`tv:resnet18`,
-    `deit_...`) with --teacher-weights, or `timm:NAME` with --teacher-weights. Must predict the data's classes."""
-    teacher_weights: str | None = None
-    """Weights file for a teacher given by name."""
-    distill: Literal["none", "soft", "hard"] | None = None
-    """Distillation loss: default hard with a teacher (DeiT's better one), none without."""
-    alpha: float | None = None
-    """Weight of the teacher term: default 0.5 (hard) / 0.1 (soft), as in DeiT."""
-    tau: float = 3.0
-    """Softmax temperature of soft distillation."""
     ema: float | None = 0.998
     """Decay of the weight EMA (evaluated and saved alongside the raw weights; used by eval and
     predict); null disables. The decay warms up as min(ema, (1 + n) / (10 + n)) over the first steps."""
-    tta: bool | None = None
-    """Test-time augmentation: average the logits over the views training made the model invariant
-    to: mirrors (when training flips) and one-pixel shifts (when the in-memory loader translates).
-    Each epoch is scored with the mirrors only; the final evaluation (eval.json) with all views.
-    Default: on when training flips or translates."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPUs and on CPUs with bf16 instructions (fp32 there for models with depthwise
     convolutions, i.e. CvT, which run slower in bf16), else fp32. bf16 autocast on CPU or CUDA; fp16
@@ -92,9 +174,6 @@ class TrainConfig:
     """Recompute each block's activations in the backward pass: less memory, ~30% more compute."""
     device: str = "auto"
     """'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ..."""
-    train_subset: float | None = None
-    """Train on part of the training split only, stratified and seeded: a fraction (< 1) or a
-    number of images (>= 1). For low-label experiments; validation is unchanged."""
     val_fraction: float = 0.2
     """Held-out share for image folders without train/ and val/ subfolders."""
     num_workers: int = 2
@@ -109,53 +188,139 @@ class TrainConfig:
     resume: str | None = None
     """Continue the run in this directory from its last checkpoint (its saved config is used)."""
 
+    @property
+    def objective_name(self) -> str:
+        """Which objective `engine.fit` builds."""
+        return "classify"
+
+    def default_warmup(self) -> float:
+        return min(2.0, self.epochs / 2)
+
     def __post_init__(self) -> None:
         # Fine-tuning and from-scratch training want different defaults; resolved here so the
-        # saved config.yaml states what was used.
+        # saved record states what was used.
         if self.lr is None:
             self.lr = 5e-4 if self.pretrained else 2e-3
         if self.layer_decay is None:
             self.layer_decay = 0.75 if self.pretrained else 1.0
-        if self.distill is None:
-            self.distill = "hard" if self.teacher else "none"
-        if self.alpha is None:
-            self.alpha = 0.1 if self.distill == "soft" else 0.5
-        checks = {  # field: (valid?, what is allowed)
+        if self.warmup_epochs is None:
+            self.warmup_epochs = self.default_warmup()
+        elif self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs:g} is longer than the run (epochs={self.epochs}): "
+                             "lower --warmup-epochs or raise --epochs")
+        _check(self, {
             "epochs": (self.epochs >= 1, ">= 1"),
             "batch_size": (self.batch_size >= 1, ">= 1"),
-            "lr": (self.lr is None or self.lr > 0, "> 0"),
-            "min_lr": (0 <= self.min_lr <= max(self.lr or 0, 0), "between 0 and lr"),
-            "layer_decay": (self.layer_decay is None or 0 < self.layer_decay <= 1, "in (0, 1]"),
+            "lr": (self.lr > 0, "> 0"),
+            "min_lr": (0 <= self.min_lr <= self.lr, "between 0 and lr"),
+            "layer_decay": (0 < self.layer_decay <= 1, "in (0, 1]"),
             "accum_steps": (self.accum_steps >= 1, ">= 1"),
-            "mixup": (self.mixup is None or self.mixup >= 0, ">= 0"),
-            "cutmix": (self.cutmix is None or self.cutmix >= 0, ">= 0"),
-            "random_erasing": (self.random_erasing is None or 0 <= self.random_erasing <= 1, "in [0, 1]"),
             "ema": (self.ema is None or 0 < self.ema < 1, "in (0, 1) or null"),
-            "alpha": (0 <= self.alpha <= 1, "in [0, 1]"),
-            "tau": (self.tau > 0, "> 0"),
-            "distill": (self.distill == "none" or self.teacher is not None, "none without a --teacher"),
-            "linear_probe": (not self.linear_probe or self.pretrained is not None, "false without --pretrained"),
             "weight_decay": (self.weight_decay >= 0, ">= 0"),
-            "warmup_epochs": (0 <= self.warmup_epochs <= self.epochs, "between 0 and epochs"),
-            "label_smoothing": (0 <= self.label_smoothing < 1, "in [0, 1)"),
+            "warmup_epochs": (self.warmup_epochs >= 0, ">= 0"),
             "val_fraction": (0 < self.val_fraction < 1, "in (0, 1)"),
-            "train_subset": (self.train_subset is None or self.train_subset > 0, "> 0 (a fraction < 1 or a count)"),
             "num_workers": (self.num_workers >= 0, ">= 0"),
             "img_size": (self.img_size is None or self.img_size > 0, "> 0 or null"),
             "clip_grad": (self.clip_grad is None or self.clip_grad > 0, "> 0 or null"),
             "skip_nonfinite": (self.skip_nonfinite >= 0, ">= 0"),
-        }
-        for name, (ok, allowed) in checks.items():
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be {allowed}")
-        # The Python API gets the same checks as the CLI, whose parser enforces the Literal types.
-        for name, hint in typing.get_type_hints(TrainConfig).items():
-            args = [a for a in typing.get_args(hint) if a is not type(None)]  # Optional[Literal[...]]
-            lit = hint if typing.get_origin(hint) is Literal else next((a for a in args if typing.get_origin(a) is Literal), None)
-            value = getattr(self, name)
-            if lit is not None and value is not None and value not in typing.get_args(lit):
-                allowed = ", ".join(typing.get_args(lit))
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of: {allowed}")
+        })
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class TrainConfig(FitConfig):
+    """`vitkit train`: a classifier, optionally distilled from a teacher.
+
+    The defaults train `vit_pico_conv4_28` on `mnist5k` to 98.6-99.0% test top-1 in the final
+    evaluation (EMA weights, test-time shifts; mean 98.8% over nine runs; 97.7-99.1% on the plain
+    images) in about 4 minutes on two CPU cores (docs/recipes.md).
+    """
+
+    linear_probe: bool = False
+    """With --pretrained: train only the new classifier on frozen features (a linear probe)."""
+    label_smoothing: float = 0.1
+    auto_augment: Literal["none", "randaugment", "trivialaugment", "autoaugment"] | None = None
+    """Override the preset's per-image policy."""
+    mixup: float | None = None
+    """Override the preset's Mixup alpha (0 disables)."""
+    cutmix: float | None = None
+    """Override the preset's CutMix alpha (0 disables)."""
+    random_erasing: float | None = None
+    """Override the preset's random-erasing probability."""
+    tta: bool | None = None
+    """Test-time augmentation: average the logits over the views training made the model invariant
+    to: mirrors (when training flips) and one-pixel shifts (when the in-memory loader translates).
+    Each epoch is scored with the mirrors only; the final evaluation (eval.json) with all views.
+    Default: on when training flips or translates."""
+    train_subset: float | None = None
+    """Train on part of the training split only, stratified and seeded: a fraction (< 1) or a
+    number of images (>= 1). For low-label experiments; validation is unchanged."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """DeiT distillation, on with a teacher; short flags: --teacher, --teacher-weights, --distill (the kind), --alpha, --tau."""
+
+    @property
+    def objective_name(self) -> str:
+        return "distill" if self.distill.teacher else "classify"
+
+    def __post_init__(self) -> None:
+        self.distill = _sub(self.distill, DistillConfig).resolve()
+        super().__post_init__()
+        _check(self, {
+            "mixup": (self.mixup is None or self.mixup >= 0, ">= 0"),
+            "cutmix": (self.cutmix is None or self.cutmix >= 0, ">= 0"),
+            "random_erasing": (self.random_erasing is None or 0 <= self.random_erasing <= 1, "in [0, 1]"),
+            "linear_probe": (not self.linear_probe or self.pretrained is not None, "false without --pretrained"),
+            "label_smoothing": (0 <= self.label_smoothing < 1, "in [0, 1)"),
+            "train_subset": (self.train_subset is None or self.train_subset > 0, "> 0 (a fraction < 1 or a count)"),
+        })
+
+
+@dataclass
+class PretrainConfig(FitConfig):
+    """`vitkit pretrain`: self-supervised pre-training, labels unused; fine-tune the run with
+    `vitkit train --pretrained RUN`. The defaults pre-train the method's pico model on mnist5k's
+    4,000 training images in a few minutes on two CPU cores (`benchmarks/pretraining.py`)."""
+
+    method: Literal["mae", "beit"] = "mae"
+    """mae: masked autoencoder (pixels); beit: masked image modeling of visual tokens."""
+    epochs: int = 20
+    batch_size: int = 128
+    clip_grad: float | None = 3.0
+    """Clip the global gradient norm (3.0 as in BEiT); null disables."""
+    augment: Literal["none", "light", "medium", "strong"] = "light"
+    """light: random translation (in-memory data) or random resized crop (folders), flips for
+    photos; the presets' Mixup/CutMix do not apply to pre-training."""
+    ema: float | None = None
+    """Decay of a weight EMA of the encoder (saved as model_ema.safetensors); null disables."""
+    val_fraction: float = 0.05
+    """Share of an image folder held out to report a validation loss (built-in data sets keep their test split)."""
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    """MAE's settings (--method mae); short flags: --mask-ratio, --norm-pix-loss, --decoder-dim/-depth/-heads."""
+    beit: BEiTConfig = field(default_factory=BEiTConfig)
+    """BEiT's settings (--method beit); short flags: --mask-ratio, --tokenizer, --vocab-size, --tokenizer-images."""
+
+    @property
+    def objective_name(self) -> str:
+        return self.method
+
+    def default_warmup(self) -> float:
+        return self.epochs / 10
+
+    def __post_init__(self) -> None:
+        self.mae, self.beit = _sub(self.mae, MAEConfig), _sub(self.beit, BEiTConfig)
+        if self.model is None and not self.pretrained:
+            self.model = DEFAULT_PRETRAIN_MODELS[self.method] if self.method in DEFAULT_PRETRAIN_MODELS else None
+        super().__post_init__()
+
+
+def config_from_dict(settings: dict[str, Any]) -> FitConfig:
+    """The typed config of a run record's `settings` (what `--resume` continues)."""
+    kind = PretrainConfig if "method" in settings else TrainConfig
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"the run was written by another vitkit version (unknown settings {', '.join(unknown[:5])}); "
+                         "it cannot be resumed by this one")
+    return kind(**settings)

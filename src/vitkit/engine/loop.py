@@ -1,386 +1,439 @@
-"""The training loop: `train_one_epoch`, `evaluate` and `train`, which ties them to a run directory."""
+"""The one training loop: `fit` runs any objective (classify, distill, mae, beit) with the same engine.
+
+`fit` sets a run up (`setup`), then alternates `train_one_epoch` and the objective's evaluation,
+saving the run directory after every epoch. Gradient accumulation, weight EMA, `torch.compile`,
+gradient checkpointing, non-finite-step skipping, torchrun, exact resume, progress bars and
+throughput work the same for every objective. Device, precision and processes are `Runtime`'s.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import io
 import math
+import os
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from torch.optim.swa_utils import AveragedModel
-
-from ..data import BatchMix, TensorSplit, load_data, make_loader, resolve_augment, subset_split
+from ..convert import HUB_ID, read_checkpoint, resolve_source
+from ..data import TensorSplit, load_data, make_loader, resolve_augment, subset_split
+from ..data.datasets import load_unlabeled
 from ..models import create_model, get_model_entry, model_config
-from . import rundir
-from .config import DEFAULT_MODEL, TrainConfig
-from .distill import DistillationLoss, load_teacher
+from ..run import (CHECKPOINT, CONFIG, CURVES, EMA_WEIGHTS, EVAL, SKIPPED, WEIGHTS, RunRecord, append_metrics, atomic_write,
+                   load_resume_state, save_checkpoint, save_weights, write_eval)
+from .config import DEFAULT_MODEL, FitConfig, PretrainConfig, TrainConfig, config_from_dict
 from .ema import create_ema
+from .objectives import Context, Objective, objective_class
 from .optim import create_optimizer, set_lr, warmup_cosine
 from .runtime import Runtime
 
 
-def classification_loss(outputs: torch.Tensor | tuple[torch.Tensor, ...], targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy in fp32; a model with several heads (DeiT) trains each on the labels, averaged.
-
-    `targets` are class indices, or probability vectors after Mixup/CutMix (soft-target
-    cross-entropy; label smoothing applies on top). With a teacher, the distillation objective
-    replaces the second term (see the distillation issue).
-    """
-    outs = outputs if isinstance(outputs, tuple) else (outputs,)
-    return sum(F.cross_entropy(o.float(), targets, label_smoothing=label_smoothing) for o in outs) / len(outs)
-
-
-def _logits(outputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
-    return sum(outputs) / len(outputs) if isinstance(outputs, tuple) else outputs
+MIN_DATA_SIZE = 16  # tinier images (sklearn's 8 px digits) are upscaled: a patch-4 ViT needs a few tokens per side
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """Global-RNG seed of one epoch on one process: resume is exact without saving RNG state, and
-    processes differ (drop path, per-image policies, Mixup) while sharing the data order."""
+    processes differ (drop path, per-image policies, Mixup, masks) while sharing the data order."""
     return (seed * 1_000_003 + epoch * 10_007 + rank) % 2**63
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader,
-    optimizer: torch.optim.Optimizer,
-    runtime: Runtime,
-    *,
-    lr_at: Callable[[int], float],
-    first_step: int,
-    cfg: TrainConfig,
-    nonfinite_before: int = 0,
-    desc: str = "train",
-    mix: BatchMix | None = None,
-    ema: AveragedModel | None = None,
-    criterion: Callable[[torch.Tensor, Any, torch.Tensor], torch.Tensor] | None = None,
-) -> dict[str, float]:
-    """One pass over `loader`; an optimizer step every `cfg.accum_steps` batches.
+@dataclass
+class Session:
+    """A run being trained: everything `fit` sets up once, then uses every epoch."""
 
-    `criterion(inputs, outputs, targets)` replaces the plain classification loss (distillation).
+    cfg: FitConfig
+    run_dir: Path
+    runtime: Runtime
+    objective: Objective
+    train_loader: Any
+    val_loader: Any
+    optimizer: torch.optim.Optimizer
+    ema: AveragedModel | None
+    lr_at: Callable[[int], float]
+    steps_per_epoch: int
+    start_epoch: int = 0
+    nonfinite: int = 0
 
-    `model` may be wrapped (DDP, torch.compile). A step whose loss is NaN/inf on any process is
-    skipped while the run's count stays within `cfg.skip_nonfinite`; past that the run stops.
+
+def train_one_epoch(s: Session, epoch: int, train_model: nn.Module) -> dict[str, float]:
+    """One pass over the training loader; an optimizer step every `accum_steps` batches.
+
+    `train_model` is the objective, possibly wrapped (DDP, torch.compile). A step whose loss is
+    NaN/inf on any process is skipped while the run's count stays within `skip_nonfinite`; past
+    that the run stops, the last checkpoint intact.
     """
-    model.train()
-    accum = cfg.accum_steps
-    total_loss, correct, seen, nonfinite, t0 = 0.0, 0, 0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if runtime.is_main else True)
+    cfg, runtime, optimizer = s.cfg, s.runtime, s.optimizer
+    train_model.train()
+    accum, first_step = cfg.accum_steps, epoch * s.steps_per_epoch
+    sums: dict[str, float] = {}
+    seen, skipped, t0 = 0, 0, time.perf_counter()
+    bar = tqdm(s.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+               disable=None if runtime.is_main else True)
     optimizer.zero_grad(set_to_none=True)
-    n_batches = len(loader) - len(loader) % accum  # a trailing partial accumulation is dropped
+    n_batches = s.steps_per_epoch * accum  # a trailing partial accumulation is dropped
     for i, (x, y) in enumerate(bar):
         if i >= n_batches:
             break
         step, last_micro = first_step + i // accum, (i + 1) % accum == 0
         x, y = runtime.to(x, y)
-        labels = y
-        if mix is not None:
-            x, y = mix(x, y)
-        set_lr(optimizer, lr_at(step))
-        with runtime.no_sync(model, skip=not last_micro), runtime.autocast():
-            out = model(x)
-            # The teacher (if any) runs here, in the same precision, on the same (mixed) images.
-            loss = criterion(x, out, y) if criterion is not None else classification_loss(out, y, cfg.label_smoothing)
-        bad = not math.isfinite(loss.item())
-        if runtime.world_size > 1:  # every process must skip the same steps, or DDP waits forever
-            bad = runtime.sum([float(bad)])[0] > 0
-        if bad:
-            nonfinite += 1
-            if nonfinite_before + nonfinite > cfg.skip_nonfinite:
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at step {step} (epoch {first_step // max(1, n_batches // accum) + 1}); the last "
-                    f"checkpoint is intact. Likely causes: a learning rate too high (--lr), fp16 overflow (use "
-                    f"--precision bf16 or fp32), or bad inputs. --skip-nonfinite N tolerates a few such steps"
-                )
-            warnings.warn(f"skipping step {step}: loss is {loss.item()}")
+        set_lr(optimizer, s.lr_at(step))
+        with runtime.no_sync(train_model, skip=not last_micro), runtime.autocast():
+            loss, logs = train_model(x, y)
+        if _nonfinite(loss, runtime):
+            skipped += 1
+            _skip_or_stop(loss, step, epoch, s.nonfinite + skipped, cfg.skip_nonfinite)
             optimizer.zero_grad(set_to_none=True)
             continue
         runtime.backward(loss / accum)
         if last_micro:
-            runtime.step(model, optimizer, cfg.clip_grad)
-            if ema is not None:
-                ema.update_parameters(_unwrap(model))
-        n = labels.shape[0]
-        total_loss += loss.item() * n
-        correct += (_logits(out).argmax(-1) == labels).sum().item()
+            runtime.step(train_model, optimizer, cfg.clip_grad)
+            if s.ema is not None:
+                s.ema.update_parameters(s.objective.model)
+        n = x.shape[0]
+        for k, v in {"train_loss": loss.detach(), **logs}.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * n
         seen += n
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
-                        ips=f"{seen / (time.perf_counter() - t0):.0f}")
+        bar.set_postfix({k.removeprefix("train_"): f"{v / seen:.3f}" for k, v in sums.items()}
+                        | {"ips": f"{seen / (time.perf_counter() - t0):.0f}"})
     elapsed = time.perf_counter() - t0
-    total_loss, correct, seen = runtime.sum([total_loss, correct, seen])
-    seen_ = max(seen, 1)
-    return {"train_loss": total_loss / seen_, "train_acc1": 100 * correct / seen_, "images_per_s": seen / elapsed,
-            "nonfinite_steps": nonfinite}
+    *totals, seen_all = runtime.sum([*sums.values(), seen])
+    stats = {k: v / max(seen_all, 1) for k, v in zip(sums, totals)}
+    return {**stats, "images_per_s": seen_all / elapsed, "nonfinite_steps": skipped}
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside torch.compile and DistributedDataParallel wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def _nonfinite(loss: torch.Tensor, runtime: Runtime) -> bool:
+    bad = not math.isfinite(loss.item())
+    if runtime.world_size > 1:  # every process must skip the same steps, or DDP waits forever
+        bad = runtime.sum([float(bad)])[0] > 0
+    return bad
 
 
-def tta_views(x: torch.Tensor, flip: bool = False, shift: int = 0) -> list[torch.Tensor]:
-    """Test-time augmentation: the image, its mirror (`flip`) and, with `shift`, the four
-    translations by that many pixels (edges replicated), and their mirrors. A model trained with
-    translation is nearly but not exactly shift-invariant; averaging its logits over the views
-    cancels part of that error (as in airbench's flip + translate TTA): +0.25 points on mnist5k,
-    averaged over 13 runs (docs/recipes.md).
-    """
-    views = [x]
-    if shift:
-        s, (H, W) = shift, x.shape[-2:]
-        padded = F.pad(x, (s, s, s, s), mode="replicate")
-        views += [padded[..., s + dy : s + dy + H, s + dx : s + dx + W] for dy, dx in ((s, 0), (-s, 0), (0, s), (0, -s))]
-    return views + [v.flip(-1) for v in views] if flip else views
+def _skip_or_stop(loss: torch.Tensor, step: int, epoch: int, count: int, allowed: int) -> None:
+    if count > allowed:
+        raise FloatingPointError(
+            f"loss is {loss.item()} at step {step} (epoch {epoch + 1}); the last checkpoint is intact. Likely causes: "
+            f"a learning rate too high (--lr), fp16 overflow (use --precision bf16 or fp32), or bad inputs. "
+            f"--skip-nonfinite N tolerates a few such steps"
+        )
+    warnings.warn(f"skipping step {step}: loss is {loss.item()}")
 
 
-def tta_view_count(flip: bool, shift: int) -> int:
-    """How many views `tta_views` makes: 1, 2 (mirror), 5 (shifts) or 10 (both)."""
-    return (1 + 4 * bool(shift)) * (1 + bool(flip))
+def fit(cfg: FitConfig) -> Path:
+    """Train (or resume) a run of any objective and return its directory. Under torchrun, every
+    process calls this; only the first writes the run directory."""
+    s = setup(cfg)
+    train_model = s.runtime.wrap(s.objective)
+    if s.cfg.compile:
+        train_model = torch.compile(train_model)
+    for epoch in range(s.start_epoch, s.cfg.epochs):
+        t0 = time.perf_counter()
+        torch.manual_seed(epoch_seed(s.cfg.seed, epoch, s.runtime.rank))
+        s.train_loader.set_epoch(epoch)
+        stats = train_one_epoch(s, epoch, train_model)
+        s.nonfinite += stats["nonfinite_steps"]
+        row = {"epoch": epoch, **stats, **_validate(s)}
+        row.update(lr=s.lr_at((epoch + 1) * s.steps_per_epoch - 1), time_s=time.perf_counter() - t0)
+        if s.runtime.is_main:
+            _save_epoch(s, epoch, row)
+    _finish(s)
+    return s.run_dir
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader, runtime: Runtime, *, tta_flip: bool = False, tta_shift: int = 0, return_outputs: bool = False,
-    autocast: bool = True,
-) -> dict[str, Any]:
-    """Loss, top-1 and top-5 (%) over a loader, summed over processes; optionally the logits and
-    targets too (single process). With `tta_flip` / `tta_shift`, each image is scored on the
-    average logits of its `tta_views`. `autocast=False` scores in fp32 whatever the runtime's precision.
-
-    A DeiT model is scored on the average of its heads (its eval output), and each head's top-1 is
-    reported too (`acc1_heads`: class head, distillation head).
-    """
-    model.eval()
-    two_heads = getattr(model, "separate_heads", None) is not None and getattr(model, "head_dist", None) is not None
-    logits, targets, heads = [], [], []
-
-    def run(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = model(x)
-        return tuple(o.float() for o in out) if isinstance(out, tuple) else (out.float(),)
-
-    if two_heads:
-        model.separate_heads = True
-    try:
-        for x, y in loader:
-            x, y = runtime.to(x, y)
-            with runtime.autocast() if autocast else contextlib.nullcontext():
-                views = [run(v) for v in tta_views(x, tta_flip, tta_shift)]
-                outs = tuple(sum(o) / len(views) for o in zip(*views))
-            logits.append((sum(outs) / len(outs)).cpu())
-            heads.append([o.cpu() for o in outs])
-            targets.append(y.cpu())
-    finally:
-        if two_heads:
-            model.separate_heads = False
-    logits, targets = torch.cat(logits), torch.cat(targets)
-    k = min(5, logits.shape[1])
-    topk = logits.topk(k, dim=1).indices
-    per_head = [(torch.cat(h).argmax(1) == targets).sum().item() for h in zip(*heads)] if two_heads else []
-    loss_sum, c1, c5, n, *c_heads = runtime.sum([
-        F.cross_entropy(logits, targets, reduction="sum").item(),
-        (topk[:, 0] == targets).sum().item(),
-        (topk == targets[:, None]).any(dim=1).sum().item(),
-        len(targets),
-        *per_head,
-    ])
-    result: dict[str, Any] = {"loss": loss_sum / n, "acc1": 100 * c1 / n, "acc5": 100 * c5 / n, "n": int(n)}
-    if two_heads:
-        result["acc1_heads"] = [100 * c / n for c in c_heads]
-    if return_outputs:
-        if runtime.world_size > 1:
-            raise ValueError("return_outputs needs a single process")
-        result.update(logits=logits, targets=targets)
-    return result
+def _validate(s: Session) -> dict[str, float]:
+    """The objective's validation metrics, of the raw weights and (suffixed `_ema`) of the EMA weights."""
+    if s.val_loader is None:
+        return {}
+    row = s.objective.evaluate(s.val_loader, s.runtime)
+    if s.ema is not None:
+        with s.objective.using(s.ema.module):
+            row.update({f"{k}_ema": v for k, v in s.objective.evaluate(s.val_loader, s.runtime).items()})
+    return row
 
 
-def _resolve_model(cfg: TrainConfig) -> TrainConfig:
-    """Fill in the model: the --pretrained run's (with its architecture overrides), else the default."""
-    if cfg.model is not None:
-        return cfg
-    pre = Path(cfg.pretrained) if cfg.pretrained else None
-    if pre is not None and (pre / rundir.CONFIG).exists():
-        saved = rundir.read_config(pre)["model"]
-        keep = {k: v for k, v in saved["args"].items() if k not in ("num_classes", "in_chans", "img_size")}
-        return replace(cfg, model=saved["name"], model_args={**keep, **cfg.model_args})
-    if pre is not None:
-        raise ValueError(f"--pretrained {pre} is not a vitkit run directory, so --model must name the architecture")
-    return replace(cfg, model=DEFAULT_MODEL)
+def _save_epoch(s: Session, epoch: int, row: dict[str, Any]) -> None:
+    """Metrics, weights, checkpoint, curves and the objective's own files, then one line of progress."""
+    rows = append_metrics(s.run_dir, row, keep_epochs=epoch)
+    meta = {"model": s.cfg.model, "epoch": str(epoch), "objective": s.objective.name}
+    save_weights(s.run_dir / WEIGHTS, s.objective.backbone_state(), meta)
+    if s.ema is not None:
+        save_weights(s.run_dir / EMA_WEIGHTS, s.objective.backbone_state(s.ema.module), meta)
+    save_checkpoint(s.run_dir / CHECKPOINT, {
+        "objective": s.objective.state_dict(), "optimizer": s.optimizer.state_dict(), "runtime": s.runtime.state_dict(),
+        "epoch": epoch, "nonfinite": s.nonfinite, **({"ema": s.ema.state_dict()} if s.ema is not None else {}),
+    })
+    plot_curves(s.run_dir, rows)
+    s.objective.on_epoch_end(s.run_dir, epoch)
+    print(f"epoch {epoch + 1}/{s.cfg.epochs}  {epoch_summary(row)}", flush=True)
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train (or resume) a run and return its directory. Under torchrun, every process calls this;
-    only the first writes the run directory."""
-    resume_state = None
-    if cfg.resume:
-        run_dir = Path(cfg.resume)
-        cfg = TrainConfig(**{**rundir.read_config(run_dir)["train"], "resume": str(run_dir)})
-        resume_state = rundir.load_resume_state(run_dir)
-    cfg = _resolve_model(cfg)
-    # Fail on a bad model name, override or image size before any data is read.
-    model_config(cfg.model, **cfg.model_args, **({"img_size": cfg.img_size} if cfg.img_size else {}))
-    data = load_data(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, strict=cfg.strict)
-    if cfg.train_subset is not None:
-        data = replace(data, train=subset_split(data.train, cfg.train_subset, cfg.seed))
-    entry = get_model_entry(cfg.model)
-    # A CNN takes any input size: in-memory data keeps its own (28 px digits are not upscaled to 224).
-    native = data.native_size if entry.family == "cnn" else None
-    size = cfg.img_size or native or entry.config.img_size
-    img_size = (size, size) if isinstance(size, int) else tuple(size)
-    model_args = {**cfg.model_args, "num_classes": data.num_classes, "in_chans": data.in_chans, "img_size": img_size}
-    torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    model = create_model(cfg.model, pretrained=cfg.pretrained, **model_args)
+def _finish(s: Session) -> None:
+    """The objective's closing evaluation (EMA weights when kept), written to eval.json; then the processes part."""
+    model = s.objective.model if s.ema is None else s.ema.module
+    with s.objective.using(model):
+        final = s.objective.final_evaluation(s.val_loader, s.runtime) if s.val_loader is not None else None
+    if final is not None and s.runtime.is_main:
+        weights = "raw" if s.ema is None else "ema"
+        write_eval(s.run_dir, {"run": str(s.run_dir), "data": s.cfg.data, "weights": weights, **final})
+        print(f"final evaluation, {weights} weights: {s.objective.describe(final)} -> {s.run_dir / EVAL}", flush=True)
+    s.runtime.barrier()
+    s.runtime.close()
+
+
+_SUMMARY = [("train_loss", "train loss {:.4f}"), ("train_acc1", "acc {:.2f}%"), ("val_loss", " val loss {:.4f}"),
+            ("val_acc1", "acc1 {:.2f}%"), ("val_acc1_ema", "(EMA {:.2f}%)"), ("val_loss_ema", "(EMA loss {:.4f})"),
+            ("val_acc5", "acc5 {:.2f}%"), ("images_per_s", " {:.0f} img/s"), ("time_s", "{:.1f}s")]
+
+
+def epoch_summary(row: dict[str, Any]) -> str:
+    """One line of an epoch's metrics: whichever of the known ones the objective logged."""
+    parts = [fmt.format(row[k]) for k, fmt in _SUMMARY if k in row and not (k == "val_loss_ema" and "val_acc1_ema" in row)]
+    return " ".join(parts)
+
+
+def plot_curves(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """Loss per epoch (train, validation, EMA) and, for classifiers, accuracy, as `curves.png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("loss", ("train_loss", "val_loss", "val_loss_ema"))]
+    if "val_acc1" in rows[-1] or "train_acc1" in rows[-1]:
+        panels.append(("top-1 (%)", ("train_acc1", "val_acc1", "val_acc1_ema")))
+    ep = [r["epoch"] + 1 for r in rows]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for k in keys:
+            if all(k in r for r in rows):
+                label = ("train" if k.startswith("train") else "val") + (" (EMA)" if k.endswith("_ema") else "")
+                ax.plot(ep, [r[k] for r in rows], label=label)
+        ax.set(xlabel="epoch", ylabel=title, title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(run_dir / CURVES, buf.getvalue())
+
+
+# -- setting a run up ------------------------------------------------------------------------------
+
+
+def setup(cfg: FitConfig) -> Session:
+    """Resolve the config, read the data, build the model and its objective, write the run record
+    (a new run) or restore the checkpoint (`--resume`)."""
+    cfg, resume_state = _resumed(cfg)
+    kind = objective_class(cfg.objective_name)
+    cfg = _resolve_model(cfg, kind)
+    _check_model(cfg, kind)
+    data = _load(cfg, kind)
+    model, img_size, model_args = _build_model(cfg, kind, data)
     runtime = Runtime(cfg.device, cfg.precision, model, distributed=True)
     model.to(runtime.device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    if cfg.linear_probe:  # only the classifier learns; the optimizer sees trainable parameters only
-        heads = tuple(getattr(model, "head_prefixes", ("head.",)))
-        for n, p in model.named_parameters():
-            p.requires_grad_(n.startswith(heads))
-    mean, std = _normalization(cfg, entry, data)
+    mean, std = _normalization(cfg, get_model_entry(cfg.model), data)
     hflip = (data.hflip and cfg.augment != "none") if cfg.hflip is None else cfg.hflip
-    spec = resolve_augment(cfg.augment, policy=cfg.auto_augment, random_erasing=cfg.random_erasing, mixup=cfg.mixup, cutmix=cfg.cutmix)
-    # Test-time views are those training made the model invariant to: mirrors where it flips, and
-    # one-pixel shifts where the in-memory loader translates. Each epoch is scored with the cheap
-    # flip views only; the run's final evaluation (eval.json) uses all of them.
-    translates = isinstance(data.train, TensorSplit) and spec.crop
-    tta = (hflip or translates) if cfg.tta is None else cfg.tta
-    tta_flip, tta_shift = tta and hflip, int(tta and translates)
-    mix = BatchMix(data.num_classes, spec.mixup, spec.cutmix) if spec.mixup or spec.cutmix else None
-    common = dict(batch_size=cfg.batch_size, img_size=img_size, mean=mean, std=std, seed=cfg.seed,
-                  num_workers=cfg.num_workers, rank=runtime.rank, world_size=runtime.world_size)
-    train_loader = make_loader(data.train, train=True, augment=spec, hflip=hflip, **common)
-    val_loader = make_loader(data.val, train=False, **common)
+    spec = resolve_augment(cfg.augment, **kind.augment_overrides(cfg))
+    tta = _tta(cfg, kind, hflip, isinstance(data.train, TensorSplit) and spec.crop)
+    loader_args = dict(batch_size=cfg.batch_size, img_size=img_size, mean=mean, std=std, seed=cfg.seed,
+                       num_workers=cfg.num_workers, rank=runtime.rank, world_size=runtime.world_size)
+    train_loader = make_loader(data.train, train=True, augment=spec, hflip=hflip, **loader_args)
+    val_loader = make_loader(data.val, train=False, **loader_args) if len(data.val) else None
     if len(train_loader) < cfg.accum_steps:
         raise ValueError(f"{len(data.train)} training images make {len(train_loader)} batches of {cfg.batch_size}"
                          f"{f' x {runtime.world_size} processes' if runtime.world_size > 1 else ''}: too few for "
                          f"accum_steps={cfg.accum_steps}; lower --batch-size or --accum-steps")
-
-    criterion = None
-    if cfg.teacher is not None:
-        teacher = load_teacher(cfg.teacher, classes=data.classes, in_chans=data.in_chans, img_size=img_size,
-                               student_norm=(mean, std), weights=cfg.teacher_weights).to(runtime.device)
-        criterion = DistillationLoss(teacher, cfg.distill, cfg.alpha, cfg.tau, cfg.label_smoothing)
-        if runtime.is_main:
-            print(f"distilling from {cfg.teacher} ({cfg.distill}, alpha {cfg.alpha}"
-                  f"{f', tau {cfg.tau}' if cfg.distill == 'soft' else ''})")
-
-    name = cfg.model.replace(":", "_")
-    run_dir = Path(cfg.resume or cfg.out or f"runs/{name}-{Path(cfg.data).name}-{datetime.now():%Y%m%d-%H%M%S}")
-    if resume_state is None:
-        if (run_dir / rundir.CHECKPOINT).exists():
-            raise FileExistsError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
-        if runtime.is_main:
-            rundir.save_config(run_dir, {
-                "train": {**cfg.to_dict(), "precision": runtime.precision, "hflip": hflip, "tta": tta},
-                "eval": {"tta_flip": tta_flip, "tta_shift": tta_shift},  # the test-time views `vitkit eval` uses
-                "model": {"name": cfg.model, "args": {**model_args, "img_size": list(img_size)}},
-                "data": {"name": cfg.data, "classes": data.classes, "in_chans": data.in_chans, "img_size": list(img_size),
-                         "mean": list(mean), "std": list(std), "mode": "L" if data.in_chans == 1 else "RGB"},
-                "world_size": runtime.world_size,
-            })
+    run_dir = _run_dir(cfg, resume_state is not None)
+    ctx = Context(cfg, data, runtime, img_size, mean, std, tta, run_dir, resume_state is not None, loader_args)
+    objective = kind.build(model, ctx).to(runtime.device)
+    if resume_state is None and runtime.is_main:
+        _record(ctx, kind, model_args, hflip).write(run_dir)
     if data.skipped and runtime.is_main:
-        rundir.atomic_write(run_dir / rundir.SKIPPED, "".join(f"{p}\t{why}\n" for p, why in data.skipped).encode())
-        print(f"skipped {len(data.skipped)} damaged images or empty class folders (listed in {run_dir / rundir.SKIPPED})")
-
-    optimizer = create_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay)
-    ema = create_ema(model, cfg.ema) if cfg.ema else None
-    steps_per_epoch = len(train_loader) // cfg.accum_steps
-    total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
-    lr_at = lambda step: warmup_cosine(step, total, warmup, cfg.lr, cfg.min_lr)  # noqa: E731
-    start_epoch, nonfinite = 0, 0
+        atomic_write(run_dir / SKIPPED, "".join(f"{p}\t{why}\n" for p, why in data.skipped).encode())
+        print(f"skipped {len(data.skipped)} damaged images or empty class folders (listed in {run_dir / SKIPPED})")
+    s = _session(cfg, run_dir, runtime, objective, train_loader, val_loader)
     if resume_state is not None:
-        try:
-            model.load_state_dict(resume_state["model"])
-            optimizer.load_state_dict(resume_state["optimizer"])
-            if ema is not None:
-                ema.load_state_dict(resume_state["ema"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ValueError(f"the checkpoint in {run_dir} does not fit the run's config: {e}") from e
-        runtime.load_state_dict(resume_state["runtime"])
-        start_epoch, nonfinite = resume_state["epoch"] + 1, resume_state.get("nonfinite", 0)
-        if runtime.is_main:
-            print(f"resuming {run_dir} at epoch {start_epoch + 1}/{cfg.epochs}")
+        _restore(s, resume_state)
+    _announce(s, data, img_size)
+    return s
 
-    train_model = runtime.wrap(model)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
-    if runtime.is_main:
-        procs = f" x {runtime.world_size} processes" if runtime.world_size > 1 else ""
-        print(f"training {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on {cfg.data}: "
-              f"{len(data.train)} train / {len(data.val)} val images, {data.num_classes} classes, "
-              f"{img_size[0]}x{img_size[1]} px, {runtime.device}{procs} {runtime.precision} -> {run_dir}")
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        torch.manual_seed(epoch_seed(cfg.seed, epoch, runtime.rank))
-        train_loader.set_epoch(epoch)
-        stats = train_one_epoch(train_model, train_loader, optimizer, runtime, lr_at=lr_at, first_step=epoch * steps_per_epoch,
-                                cfg=cfg, nonfinite_before=nonfinite, desc=f"epoch {epoch + 1}/{cfg.epochs}", mix=mix, ema=ema,
-                                criterion=criterion)
-        nonfinite += stats["nonfinite_steps"]
-        val = evaluate(model, val_loader, runtime, tta_flip=tta_flip)
-        row = {"epoch": epoch, **stats, "val_loss": val["loss"], "val_acc1": val["acc1"], "val_acc5": val["acc5"]}
-        if "acc1_heads" in val:
-            row["val_acc1_cls"], row["val_acc1_dist"] = val["acc1_heads"]
-        if ema is not None:
-            val_ema = evaluate(ema.module, val_loader, runtime, tta_flip=tta_flip)
-            row.update(val_loss_ema=val_ema["loss"], val_acc1_ema=val_ema["acc1"], val_acc5_ema=val_ema["acc5"])
-        row.update(lr=lr_at((epoch + 1) * steps_per_epoch - 1), time_s=time.perf_counter() - t0)
-        if not runtime.is_main:
+
+def _resumed(cfg: FitConfig) -> tuple[FitConfig, dict | None]:
+    """With `resume`: the run's own config and its latest readable checkpoint."""
+    if not cfg.resume:
+        return cfg, None
+    run_dir = Path(cfg.resume)
+    record = RunRecord.read(run_dir)
+    return replace(config_from_dict(record.settings), resume=str(run_dir)), load_resume_state(run_dir)
+
+
+def _resolve_model(cfg: FitConfig, kind: type[Objective]) -> FitConfig:
+    """Fill in the model: the --pretrained run's (with its architecture overrides), else the default."""
+    if cfg.model is not None:
+        return cfg
+    pre = Path(cfg.pretrained) if cfg.pretrained else None
+    if pre is None:
+        return replace(cfg, model=DEFAULT_MODEL)
+    if not pre.exists() and not HUB_ID.fullmatch(str(pre)):
+        raise ValueError(f"--pretrained {pre} does not exist, so --model must name the architecture")
+    # A vitkit run, a Hugging Face directory or hub id and a JAX .npz name their architecture; timm files do not.
+    ckpt = read_checkpoint(resolve_source(pre))
+    if ckpt.name is None:
+        raise ValueError(f"--pretrained {pre} does not name its architecture, so --model must name it")
+    keep = {k: v for k, v in ckpt.overrides.items() if k not in ("num_classes", "in_chans", "img_size")}
+    return replace(cfg, model=ckpt.name, model_args={**keep, **cfg.model_args})
+
+
+def _check_model(cfg: FitConfig, kind: type[Objective]) -> None:
+    """Fail on a bad model name, override or image size, or a backbone the objective cannot use,
+    before any data is read (the model is built on the meta device: no memory, no arithmetic)."""
+    size = {"img_size": cfg.img_size} if cfg.img_size else {}
+    model_config(cfg.model, **cfg.model_args, **size)
+    if kind.requires is not None:
+        with torch.device("meta"):
+            kind.check_backbone(create_model(cfg.model, **cfg.model_args, **size), cfg.model)
+    model_config(cfg.model, **cfg.model_args, **kind.build_args, **size)
+
+
+def _load(cfg: FitConfig, kind: type[Objective]):
+    if not kind.labels:
+        return load_unlabeled(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, strict=cfg.strict)
+    data = load_data(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, strict=cfg.strict)
+    subset = getattr(cfg, "train_subset", None)
+    return replace(data, train=subset_split(data.train, subset, cfg.seed)) if subset is not None else data
+
+
+def _build_model(cfg: FitConfig, kind: type[Objective], data) -> tuple[nn.Module, tuple[int, int], dict[str, Any]]:
+    """The backbone (pretrained weights loaded), its input size and the arguments the record keeps."""
+    size = cfg.img_size or _data_size(cfg, data)
+    img_size = (size, size) if isinstance(size, int) else tuple(size)
+    num_classes = data.num_classes if kind.classifier else 0
+    model_args = {**cfg.model_args, "num_classes": num_classes, "in_chans": data.in_chans, "img_size": img_size}
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    pretrained = {"pretrained": cfg.pretrained} if cfg.pretrained else {}
+    model = create_model(cfg.model, **pretrained, **model_args, **kind.build_args)
+    return model, img_size, model_args
+
+
+def _data_size(cfg: FitConfig, data) -> int | tuple[int, int]:
+    """The input size without --img-size: the model's default, or the data's own when its images
+    are smaller (a folder of 32 px photos trains at 32 px, not 224), at least `MIN_DATA_SIZE` and
+    rounded up to a size the model takes (a multiple of its patch). Said in one line."""
+    default = get_model_entry(cfg.model).config.img_size
+    side = default if isinstance(default, int) else max(default)
+    if data.native_size is None or max(data.native_size) >= side:
+        return default
+    for s in range(max(MIN_DATA_SIZE, max(data.native_size)), side):
+        try:
+            model_config(cfg.model, **cfg.model_args, img_size=s)
+        except ValueError:
             continue
-        rows = rundir.append_metrics(run_dir, row, keep_epochs=epoch)
-        meta = {"model": cfg.model, "epoch": str(epoch)}
-        rundir.save_weights(run_dir / rundir.WEIGHTS, model.state_dict(), meta)
-        if ema is not None:
-            rundir.save_weights(run_dir / rundir.EMA_WEIGHTS, ema.module.state_dict(), meta)
-        rundir.save_checkpoint(run_dir / rundir.CHECKPOINT, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "runtime": runtime.state_dict(),
-            "epoch": epoch, "rng": torch.get_rng_state(), "nonfinite": nonfinite,
-            **({"ema": ema.state_dict()} if ema is not None else {}),
-        })
-        rundir.plot_curves(run_dir, rows)
-        ema_note = f" (EMA {val_ema['acc1']:.2f}%)" if ema is not None else ""
-        print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {stats['train_loss']:.4f} acc {stats['train_acc1']:.2f}%  "
-              f"val loss {val['loss']:.4f} acc1 {val['acc1']:.2f}%{ema_note} acc5 {val['acc5']:.2f}%  "
-              f"{stats['images_per_s']:.0f} img/s  {row['time_s']:.1f}s", flush=True)
-    # The number `vitkit eval RUN` gives: the weights it loads (EMA when kept), every test-time view, fp32.
-    final = evaluate(model if ema is None else ema.module, val_loader, runtime, tta_flip=tta_flip, tta_shift=tta_shift,
-                     autocast=False)
-    if runtime.is_main:
-        weights = "raw" if ema is None else "ema"
-        rundir.write_eval(run_dir, {"run": str(run_dir), "data": cfg.data, "weights": weights,
-                                    "tta_views": tta_view_count(tta_flip, tta_shift), **final})
-        print(f"final evaluation ({weights} weights, {_describe_tta(tta_flip, tta_shift)}): acc1 {final['acc1']:.2f}%  "
-              f"acc5 {final['acc5']:.2f}%  loss {final['loss']:.4f} -> {run_dir / rundir.EVAL}", flush=True)
-    runtime.barrier()
-    runtime.close()
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"image size {s} px: the training images are at most {max(data.native_size)} px, smaller than "
+                  f"{cfg.model}'s default {side} px (--img-size overrides)")
+        return s
+    return default
+
+
+def _tta(cfg: FitConfig, kind: type[Objective], hflip: bool, translates: bool) -> tuple[bool, int]:
+    """Test-time views are those training made the model invariant to: mirrors where it flips, and
+    one-pixel shifts where the in-memory loader translates (classifiers only)."""
+    if not kind.classifier:
+        return False, 0
+    tta = (hflip or translates) if getattr(cfg, "tta", None) is None else cfg.tta
+    return tta and hflip, int(tta and translates)
+
+
+def _run_dir(cfg: FitConfig, resuming: bool) -> Path:
+    name = cfg.model.replace(":", "_")
+    prefix = f"pretrain-{cfg.objective_name}-" if isinstance(cfg, PretrainConfig) else ""
+    run_dir = Path(cfg.resume or cfg.out or f"runs/{prefix}{name}-{Path(cfg.data).name}-{datetime.now():%Y%m%d-%H%M%S}")
+    if not resuming and (run_dir / CHECKPOINT).exists():
+        raise FileExistsError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
     return run_dir
 
 
-def _describe_tta(flip: bool, shift: int) -> str:
-    views = [n for n, on in (("flips", flip), (f"{shift} px shifts", shift)) if on]
-    return f"test-time {' + '.join(views)}" if views else "no test-time augmentation"
+def _record(ctx: Context, kind: type[Objective], model_args: dict[str, Any], hflip: bool) -> RunRecord:
+    cfg, data = ctx.cfg, ctx.data
+    settings = {**cfg.to_dict(), "model": cfg.model, "precision": ctx.runtime.precision, "hflip": hflip}
+    tta = bool(ctx.tta[0] or ctx.tta[1]) if getattr(cfg, "tta", None) is None else bool(cfg.tta)
+    if isinstance(cfg, TrainConfig):
+        settings["tta"] = tta
+    return RunRecord(
+        model=cfg.model, model_args={**model_args, "img_size": list(ctx.img_size)}, img_size=ctx.img_size,
+        in_chans=data.in_chans, mean=ctx.mean, std=ctx.std, classes=data.classes if kind.classifier else [],
+        objective=kind.name, settings=settings, data=cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction,
+        precision=ctx.runtime.precision, ema=cfg.ema is not None, tta=tta and kind.classifier,
+        tta_flip=ctx.tta[0], tta_shift=ctx.tta[1], world_size=ctx.runtime.world_size,
+    )
 
 
-def _normalization(cfg: TrainConfig, entry, data) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _session(cfg: FitConfig, run_dir: Path, runtime: Runtime, objective: Objective, train_loader, val_loader) -> Session:
+    """The optimizer, EMA and learning-rate schedule over the run's optimizer steps."""
+    optimizer = create_optimizer(objective, cfg.lr, cfg.weight_decay, cfg.layer_decay)
+    ema = create_ema(objective.model, cfg.ema) if cfg.ema else None
+    steps_per_epoch = len(train_loader) // cfg.accum_steps
+    total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    lr_at = lambda step: warmup_cosine(step, total, warmup, cfg.lr, cfg.min_lr)  # noqa: E731
+    return Session(cfg, run_dir, runtime, objective, train_loader, val_loader, optimizer, ema, lr_at, steps_per_epoch)
+
+
+def _restore(s: Session, state: dict[str, Any]) -> None:
+    try:
+        s.objective.load_state_dict(state["objective"])
+        s.optimizer.load_state_dict(state["optimizer"])
+        if s.ema is not None:
+            s.ema.load_state_dict(state["ema"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(f"the checkpoint in {s.run_dir} does not fit the run's config: {e}") from e
+    s.runtime.load_state_dict(state["runtime"])
+    s.start_epoch, s.nonfinite = state["epoch"] + 1, state.get("nonfinite", 0)
+    if s.runtime.is_main:
+        print(f"resuming {s.run_dir} at epoch {s.start_epoch + 1}/{s.cfg.epochs}")
+
+
+def _announce(s: Session, data, img_size: tuple[int, int]) -> None:
+    if not s.runtime.is_main:
+        return
+    rt, cfg = s.runtime, s.cfg
+    procs = f" x {rt.world_size} processes" if rt.world_size > 1 else ""
+    labels = f"{data.num_classes} classes" if s.objective.labels else "no labels"
+    params = sum(p.numel() for p in s.objective.model.parameters()) / 1e6
+    print(f"{s.objective.name} {cfg.model} ({params:.2f}M params) on {cfg.data}: {len(data.train)} train / "
+          f"{len(data.val)} val images, {labels}, {img_size[0]}x{img_size[1]} px, {rt.device}{procs} {rt.precision} "
+          f"-> {s.run_dir}")
+
+
+def _normalization(cfg: FitConfig, entry, data) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Fine-tuning keeps the normalisation the weights were trained with (a vitkit run's own, or
     the registry's for foreign weights); from scratch, the data's statistics."""
     if cfg.pretrained:
         pre = Path(cfg.pretrained)
-        if (pre / rundir.CONFIG).exists():
-            d = rundir.read_config(pre)["data"]
-            if len(d["mean"]) == data.in_chans:
-                return tuple(d["mean"]), tuple(d["std"])
+        if (pre / CONFIG).exists():
+            rec = RunRecord.read(pre)
+            if len(rec.mean) == data.in_chans:
+                return rec.mean, rec.std
         elif data.in_chans == len(entry.mean):
             return tuple(entry.mean), tuple(entry.std)
     return tuple(data.mean), tuple(data.std)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """`vitkit train`: a classifier (distilled from `cfg.distill.teacher` when given)."""
+    return fit(cfg)
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    """`vitkit pretrain`: self-supervised pre-training (`cfg.method`: mae or beit); its
+    `model.safetensors` holds the backbone in the classifier's names, for `vitkit train --pretrained RUN`."""
+    return fit(cfg)

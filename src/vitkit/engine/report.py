@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import rundir
+from ..run import atomic_write
 
 REPORT_JSON = "report.json"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -245,7 +245,7 @@ def split_images(split: Any) -> ImageGetter:
             return x[0] if x.shape[0] == 1 else x[:3].transpose(1, 2, 0)
 
         return tensor_image
-    from ..data import load_image
+    from ..preprocess import load_image
 
     def file_image(i: int) -> np.ndarray:
         return np.asarray(load_image(split.files[i], split.mode))
@@ -341,9 +341,9 @@ def write_report(
     curves_png = Path(curves).read_bytes() if curves is not None and Path(curves).is_file() else None
     report["files"] = {name: name for name in pngs} | {"html": REPORT_HTML}
     for name, data in pngs.items():
-        rundir.atomic_write(out / name, data)
+        atomic_write(out / name, data)
     if WRONG_PNG not in pngs:
         pngs[WRONG_PNG] = plot_wrong([], lambda i: np.zeros((1, 1)))
-    rundir.atomic_write(out / REPORT_HTML, render_html(report, pngs, curves_png).encode())
-    rundir.atomic_write(out / REPORT_JSON, (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write(out / REPORT_HTML, render_html(report, pngs, curves_png).encode())
+    atomic_write(out / REPORT_JSON, (json.dumps(report, indent=2) + "\n").encode())
     return report

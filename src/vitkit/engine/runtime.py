@@ -163,14 +163,6 @@ class Runtime:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def backward_step(
-        self, loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, clip_grad: float | None
-    ) -> None:
-        """Backward and step for one batch (no accumulation)."""
-        optimizer.zero_grad(set_to_none=True)
-        self.backward(loss)
-        self.step(model, optimizer, clip_grad)
-
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum of `values` over all processes (float64 on the CPU/GPU the group uses)."""
         if self.world_size == 1:

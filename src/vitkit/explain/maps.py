@@ -85,36 +85,32 @@ def capture(model: nn.Module, images: torch.Tensor) -> Capture:
 
 
 def _family_capture(model: nn.Module, batch: int, grids: list, attns: list, features: torch.Tensor) -> Capture:
-    from ..models.cvt import Cvt
-    from ..models.swin import SwinTransformer
+    """Place each attention map on its token map as the model's `attention_stages` describes it:
+    consecutive entries on one map form a stage, and a new map starts where an entry says how it
+    was embedded from the previous one."""
+    stages: list[Stage] = []
+    downs: list[torch.Tensor] = []
+    for grid, attn, where in zip(grids, attns, model.attention_stages(grids)):
+        if where.window is not None:
+            square = lambda a, g=grid, w=where: geometry.swin_to_global(a, g, w.window, w.shift)  # noqa: E731
+        elif where.kv_conv is not None:
+            square = lambda a, g=grid, w=where: geometry.cvt_to_square(a, g, w.prefix, *w.kv_conv)  # noqa: E731
+        else:
+            attn = geometry.check_global(attn, batch, grid, where.prefix, _name(model))
+            square = _identity
+        if stages and where.embed_conv is None:
+            if (grid, where.prefix) != (stages[-1].grid, stages[-1].prefix):
+                raise ValueError(f"{_name(model)} changes its token map between blocks ({grids}) without saying how")
+            stages[-1].attentions.append(attn)
+            continue
+        if stages:
+            downs.append(geometry.receptive_field_matrix(grid, stages[-1].grid, *where.embed_conv))
+        stages.append(Stage(grid, where.prefix, [attn], square))
+    return Capture(stages, downs, features)
 
-    if isinstance(model, SwinTransformer):
-        # Indices are stages; each gives its last block's windows. Patch merging links the stages.
-        stages = []
-        for stage, grid, attn in zip(model.layers, grids, attns):
-            window, shift = stage.blocks[-1].window_and_shift(*grid)
-            square = lambda a, g=grid, w=window, s=shift: geometry.swin_to_global(a, g, w, s)  # noqa: E731
-            stages.append(Stage(grid, 0, [attn], square))
-        downs = [geometry.receptive_field_matrix(g, p, 2, 2, 0) for p, g in zip(grids, grids[1:])]
-        return Capture(stages, downs, features)
-    if isinstance(model, Cvt):
-        # Indices are stages; keys are squeezed; the convolutional token embedding links the stages.
-        cfg, stages = model.cfg, []
-        for i, (stage, grid, attn) in enumerate(zip(model.stages, grids, attns)):
-            k, s, p, P = cfg.kernel_qkv[i], cfg.stride_kv[i], cfg.padding_kv[i], stage.num_prefix_tokens
-            square = lambda a, g=grid, P=P, k=k, s=s, p=p: geometry.cvt_to_square(a, g, P, k, s, p)  # noqa: E731
-            stages.append(Stage(grid, P, [attn], square))
-        downs = [
-            geometry.receptive_field_matrix(g, prev, cfg.patch_sizes[i], cfg.patch_stride[i], cfg.patch_padding[i])
-            for i, (prev, g) in enumerate(zip(grids, grids[1:]), start=1)
-        ]
-        return Capture(stages, downs, features)
-    # ViT, DeiT, BEiT, hybrids: every block attends globally over the same tokens.
-    grid, P = grids[-1], int(getattr(model, "num_prefix_tokens", 0))
-    if any(g != grid for g in grids):
-        raise ValueError(f"{_name(model)} changes its token map between blocks ({grids}); rollout needs one map")
-    check = lambda a: geometry.check_global(a, batch, grid, P, _name(model))  # noqa: E731
-    return Capture([Stage(grid, P, [check(a) for a in attns], lambda a: a)], [], features)
+
+def _identity(a: torch.Tensor) -> torch.Tensor:
+    return a
 
 
 def head_query(model: nn.Module, features: torch.Tensor, stage: Stage) -> torch.Tensor:

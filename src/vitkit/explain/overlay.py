@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..run import atomic_write
 from .maps import METHODS, attention_map, gradcam, rollout
 
 
@@ -67,18 +68,16 @@ def explain_files(
 ) -> list[Path]:
     """Write `OUT/<image stem>_<method>.png` for every image and method; return the paths.
 
-    run: a `vitkit.engine.Run` (`load_run`). target: a class name for Grad-CAM (default: the
+    run: a `vitkit.run.Run` (`load_run`). target: a class name for Grad-CAM (default: the
     predicted class). Errors (unknown method, a model without attention maps) are raised before
     anything is written.
     """
-    from ..engine import rundir
-
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method {bad[0]!r}: choose from {', '.join(METHODS)}")
     if target is not None and target not in run.classes:
         raise ValueError(f"--target {target!r} is not one of the run's classes ({', '.join(run.classes[:10])}...)")
-    mean, std = run.config["data"]["mean"], run.config["data"]["std"]
+    mean, std = run.record.mean, run.record.std
     out, written, used = Path(out_dir), [], set()
     for start in range(0, len(files), 16):
         chunk = list(files[start : start + 16])
@@ -118,6 +117,6 @@ def explain_files(
                     k += 1
                     name = f"{Path(f).stem}-{k}_{m}.png"
                 used.add(name)
-                rundir.atomic_write(out / name, figure_png(img, panels, title))
+                atomic_write(out / name, figure_png(img, panels, title))
                 written.append(out / name)
     return written

@@ -57,12 +57,14 @@ def int8_accuracy(run, fp32_file: str | Path, int8_file: str | Path, *, batch_si
     """
     from ..data import load_data, make_loader
 
-    cfg, d = run.config["train"], run.config["data"]
-    bundle = load_data(cfg["data"], seed=cfg["seed"], val_fraction=cfg["val_fraction"])
+    rec = run.record
+    if rec.data is None:
+        raise ValueError(f"{run.path} names no data set (converted weights): --int8 needs validation images to measure on")
+    bundle = load_data(rec.data, seed=rec.seed, val_fraction=rec.val_fraction)
     if list(bundle.classes) != list(run.classes):
-        raise ValueError(f"{cfg['data']} now has classes {bundle.classes[:10]}, the run was trained on {run.classes[:10]}")
-    loader = make_loader(bundle.val, train=False, batch_size=batch_size, img_size=run.img_size, mean=tuple(d["mean"]),
-                         std=tuple(d["std"]), num_workers=cfg.get("num_workers", 0))
+        raise ValueError(f"{rec.data} now has classes {bundle.classes[:10]}, the run was trained on {run.classes[:10]}")
+    loader = make_loader(bundle.val, train=False, batch_size=batch_size, img_size=rec.img_size, mean=rec.mean,
+                         std=rec.std, num_workers=2)
     fp32, int8 = onnx_runner(fp32_file), onnx_runner(int8_file)
     right32 = right8 = same = n = 0
     for x, y in loader:
@@ -73,7 +75,7 @@ def int8_accuracy(run, fp32_file: str | Path, int8_file: str | Path, *, batch_si
         same += int((p32 == p8).sum())
         n += len(y)
     if not n:
-        raise ValueError(f"{cfg['data']} has no validation images to measure the int8 model on")
+        raise ValueError(f"{rec.data} has no validation images to measure the int8 model on")
     acc32, acc8 = 100 * right32 / n, 100 * right8 / n
     return {"fp32_acc1": acc32, "int8_acc1": acc8, "change": acc8 - acc32, "agreement": 100 * same / n, "n": n,
             "fp32_bytes": Path(fp32_file).stat().st_size, "int8_bytes": Path(int8_file).stat().st_size}

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from ..run import load_run
 from .checks import PARITY_TOL, int8_accuracy, max_abs_diff, onnx_runner, quantize_int8
 from .preprocess import PREPROCESS_FILE, Preprocess, write_preprocess
 
@@ -62,14 +63,12 @@ def export_run(
     batch axis) and compared with the PyTorch model; `int8` adds an onnxruntime dynamic-int8 copy
     and its top-1 accuracy change on the run's validation split.
     """
-    from ..engine import load_run
-
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if int8 and format != "onnx":
         raise ValueError("--int8 quantises an ONNX model with onnxruntime; use it with --format onnx")
     run = load_run(run_dir, "cpu", weights)
-    pre = Preprocess.from_run_config(run.config)
+    pre = run.record.preprocess
     out_dir = Path(out) if out is not None else Path(run_dir) / f"export-{format}"
     out_dir.mkdir(parents=True, exist_ok=True)
     model_file = out_dir / MODEL_FILES[format]
@@ -86,20 +85,12 @@ def export_run(
         out_dir, pre, format=format, model_file=model_file.name, int8_file=INT8_FILE if int8 else None,
         input={"name": INPUT_NAME, "batch": "dynamic" if dynamic_batch else 1},
         output={"name": OUTPUT_NAME, "note": "logits; softmax gives class probabilities in the order of `classes`"},
-        source={"run": str(Path(run_dir).resolve()), "model": run.config["model"]["name"],
-                "weights": _weights_used(Path(run_dir), weights)},
+        source={"run": str(Path(run_dir).resolve()), "model": run.record.model, "weights": run.weights},
         parity={"max_abs_diff": diff, "tolerance": PARITY_TOL, "batch_sizes": list(batch_sizes),
                 "reference": "PyTorch eager, fp32, seeded random inputs"},
         int8=result.int8,
     )
     return result
-
-
-def _weights_used(run_dir: Path, weights: str) -> str:
-    """Which weights `load_run` took: "auto" means the EMA weights when the run kept them."""
-    from ..engine.rundir import EMA_WEIGHTS
-
-    return "ema" if weights == "ema" or (weights == "auto" and (run_dir / EMA_WEIGHTS).exists()) else "raw"
 
 
 @contextlib.contextmanager

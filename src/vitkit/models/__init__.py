@@ -5,12 +5,14 @@ Imports nothing from data, engine or CLI.
 
 # Importing a family registers its variants.
 from . import beit, cnn, cvt, swin, vit  # noqa: F401
-from .contract import Intermediates, VisionModel
+from .contract import AttentionStage, Intermediates, VisionModel, implements
 from .registry import ModelEntry, create_model, get_model_entry, list_models, model_config, register_model
 from .vit import VisionTransformer, ViTConfig
 from .weights import load_weights, read_state_dict
 
 __all__ = [
+    "AttentionStage",
+    "implements",
     "Intermediates",
     "ModelEntry",
     "ViTConfig",

@@ -298,6 +298,10 @@ def _layer_scale(gamma: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
 
 
 class Beit(VisionModel):
+    # The convolution that takes the image (timm's pretrained_cfg `first_conv`): loading weights
+    # trained on another number of input channels adapts its weight (`weights.adapt_input_conv`).
+    first_conv = "patch_embed.proj"
+
     def __init__(self, cfg: BeitConfig) -> None:
         super().__init__()
         self.cfg = cfg

@@ -57,6 +57,9 @@ class TorchvisionCNN(VisionModel):
         for name, child in net.named_children():
             self.add_module(name, child)
         self._head_name = list(self._modules)[-1]
+        # The convolution that takes the image (timm's pretrained_cfg `first_conv`; `conv1`,
+        # `features.0.0`, ...): loading weights of another channel count adapts it.
+        self.first_conv = next(n for n, m in self.named_modules() if isinstance(m, nn.Conv2d))
         self.head_prefixes = (self._head_name + ".",)
         self.num_classes = cfg.num_classes
         # The classifier's input width (MobileNetV3's classifier has a hidden layer of its own).

@@ -26,6 +26,24 @@ class Intermediates(NamedTuple):
     attentions: list[torch.Tensor]
 
 
+class AttentionStage(NamedTuple):
+    """Where the attention probabilities of one `forward_intermediates` entry sit on the image.
+
+    The tokens are `prefix` tokens (class, distillation, register tokens: left out of maps), then a
+    row-major grid. By default every query attends to every token. `window`/`shift`: attention
+    inside (shifted) windows of that size, in the window layout (Swin). `kv_conv`: keys and values
+    are the grid squeezed by a convolution `(kernel, stride, padding)` (CvT). `embed_conv`: this
+    entry starts a new token map made from the previous one by a convolution or patch merging
+    `(kernel, stride, padding)`; entries without it continue the previous map.
+    """
+
+    prefix: int
+    window: tuple[int, int] | None = None
+    shift: tuple[int, int] | None = None
+    kv_conv: tuple[int, int, int] | None = None
+    embed_conv: tuple[int, int, int] | None = None
+
+
 class VisionModel(nn.Module):
     """Base class of all vitkit classifiers.
 
@@ -59,6 +77,26 @@ class VisionModel(nn.Module):
     ) -> Intermediates:
         raise NotImplementedError
 
+    def forward_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Logits of each classifier head, in eval mode; `forward` returns their mean. One head
+        unless the family has more (DeiT: class head, distillation head)."""
+        return (self(x),)
+
+    def attention_stages(self, grids: list[tuple[int, int]]) -> list[AttentionStage]:
+        """How to place each attention map `forward_intermediates(return_attn=True)` returns, given
+        the grids of its intermediates: global attention over the prefix tokens and one map."""
+        return [AttentionStage(self.num_prefix_tokens) for _ in grids]
+
+    def forward_visible(self, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Encoder tokens `(B, prefix + K, D)` of the K patches `ids_keep` `(B, K)` only (MAE's
+        encoder). Families that can drop tokens implement it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot encode a subset of its patches")
+
+    def forward_masked(self, x: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
+        """Patch tokens `(B, N, D)` with the masked patches replaced by a learned [MASK] embedding
+        (BEiT's masked image modeling). Families with a mask token implement it."""
+        raise NotImplementedError(f"{type(self).__name__} has no [MASK] embedding")
+
     def reset_classifier(self, num_classes: int) -> None:
         raise NotImplementedError
 
@@ -80,6 +118,11 @@ class VisionModel(nn.Module):
                 block.forward = functools.partial(_checkpointed_forward, block)
             else:
                 block.__dict__.pop("forward", None)
+
+
+def implements(model: nn.Module, method: str) -> bool:
+    """True when `model`'s family provides contract method `method` (rather than the base's refusal)."""
+    return isinstance(model, VisionModel) and getattr(type(model), method) is not getattr(VisionModel, method)
 
 
 _BLOCK_NAME = re.compile(r"(?:^|.*\.)blocks\.\d+")

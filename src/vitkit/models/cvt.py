@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .contract import Intermediates, VisionModel, check_output_fmt, resolve_indices, tokens_to_nchw
+from .contract import AttentionStage, Intermediates, VisionModel, check_output_fmt, resolve_indices, tokens_to_nchw
 from .layers import DropPath, Linear, Mlp, attend
 from .registry import ModelEntry, register_model
 
@@ -264,6 +264,10 @@ class CvtStage(nn.Module):
 
 
 class Cvt(VisionModel):
+    # The convolution that takes the image (timm's pretrained_cfg `first_conv`): loading weights
+    # trained on another number of input channels adapts its weight (`weights.adapt_input_conv`).
+    first_conv = "stages.0.patch_embed.proj"  # stage 0's token embedding
+
     def __init__(self, cfg: CvtConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -300,6 +304,14 @@ class Cvt(VisionModel):
     def num_blocks(self) -> int:
         """The number of stages: `forward_intermediates` indexes stages, not blocks."""
         return len(self.stages)
+
+    def attention_stages(self, grids: list[tuple[int, int]]) -> list[AttentionStage]:
+        """One entry per stage: keys squeezed by the strided convolution; the convolutional token
+        embedding links the stages."""
+        c = self.cfg
+        return [AttentionStage(stage.num_prefix_tokens, kv_conv=(c.kernel_qkv[i], c.stride_kv[i], c.padding_kv[i]),
+                               embed_conv=(c.patch_sizes[i], c.patch_stride[i], c.patch_padding[i]) if i else None)
+                for i, stage in enumerate(self.stages[: len(grids)])]
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token"}

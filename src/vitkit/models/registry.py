@@ -17,10 +17,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INCEPTION_MEAN = (0.5, 0.5, 0.5)
-INCEPTION_STD = (0.5, 0.5, 0.5)
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD  # noqa: F401  (the families' defaults)
 
 
 @dataclass(frozen=True)
@@ -81,7 +78,7 @@ def model_config(name: str, **overrides: Any) -> Any:
 
 
 def create_model(
-    name: str,
+    name: str | None = None,
     *,
     pretrained: str | Path | None = None,
     num_classes: int | None = None,
@@ -89,26 +86,32 @@ def create_model(
     in_chans: int | None = None,
     **overrides: Any,
 ) -> nn.Module:
-    """Build a registered model.
+    """Build a registered model, or the model a checkpoint holds.
 
     Args:
-        name: a name from `list_models()`.
-        pretrained: a vitkit run directory or a weights file (`.safetensors`, or a state-dict file
-            read with `torch.load(weights_only=True)`). Position embeddings are resampled to the new
-            grid; a classifier whose class count differs from `num_classes` is re-initialised.
+        name: a name from `list_models()`; may be left out with a `pretrained` checkpoint that names
+            its architecture (a Hugging Face directory, a JAX `.npz`, a vitkit run).
+        pretrained: a vitkit run directory, a weights file (`.safetensors`, or a state-dict file read
+            with `torch.load(weights_only=True)`, e.g. timm's), a Hugging Face directory or hub id, or
+            a JAX `.npz`. The architecture the checkpoint states is adopted (with `name`, one warning
+            line lists the fields that differ from that variant); the arguments below win over it:
+            positions are resampled to a new `img_size`, the first convolution adapted to a new
+            `in_chans`, a classifier of another `num_classes` re-initialised, each said in one line.
         num_classes, img_size, in_chans: the usual shortcuts for config fields.
         overrides: any other field of the family's config; unknown ones raise.
     """
     for key, value in (("num_classes", num_classes), ("img_size", img_size), ("in_chans", in_chans)):
         if value is not None:
             overrides[key] = value
-    entry = get_model_entry(name)
-    model = entry.builder(model_config(name, **overrides))
     if pretrained is not None:
-        from .weights import load_weights
+        # The converters know other libraries' formats and sit above `models`: imported only when used.
+        from ..convert import build_pretrained
 
-        load_weights(model, pretrained, reset_head=num_classes is not None)
-    return model
+        return build_pretrained(pretrained, name, **overrides)
+    if name is None:
+        raise ValueError("create_model needs a model name (see list_models()), or pretrained= a checkpoint "
+                         "that names its architecture")
+    return get_model_entry(name).builder(model_config(name, **overrides))
 
 
 def _matches(value: Any, hint: Any) -> bool:

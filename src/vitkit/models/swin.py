@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import Intermediates, VisionModel, check_output_fmt, resolve_indices
+from .contract import AttentionStage, Intermediates, VisionModel, check_output_fmt, resolve_indices
 from .layers import Attention, DropPath, Linear, Mlp, PatchEmbed
 from .registry import ModelEntry, register_model
 
@@ -335,6 +335,10 @@ class ClassifierHead(nn.Module):
 
 
 class SwinTransformer(VisionModel):
+    # The convolution that takes the image (timm's pretrained_cfg `first_conv`): loading weights
+    # trained on another number of input channels adapts its weight (`weights.adapt_input_conv`).
+    first_conv = "patch_embed.proj"
+
     def __init__(self, cfg: SwinConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -385,6 +389,11 @@ class SwinTransformer(VisionModel):
     def num_blocks(self) -> int:
         """The number of stages: `forward_intermediates` indexes stages, not blocks."""
         return len(self.layers)
+
+    def attention_stages(self, grids: list[tuple[int, int]]) -> list[AttentionStage]:
+        """One entry per stage (its last block's shifted windows); patch merging (2x2, stride 2) links the stages."""
+        return [AttentionStage(0, *stage.blocks[-1].window_and_shift(*grid), embed_conv=(2, 2, 0) if i else None)
+                for i, (stage, grid) in enumerate(zip(self.layers, grids))]
 
     def no_weight_decay(self) -> set[str]:
         return {"relative_position_bias_table"}

@@ -79,6 +79,15 @@ class ViTConfig:
 
 
 class VisionTransformer(VisionModel):
+    # The convolution that takes the image (timm's pretrained_cfg `first_conv`) for each embedding
+    # layer: loading weights trained on another number of channels adapts it (`weights.adapt_input_conv`).
+    FIRST_CONV = {"patch": "patch_embed.proj", "conv": "patch_embed.stem.0",
+                  "hybrid": "patch_embed.backbone.stem.conv"}
+
+    @property
+    def first_conv(self) -> str:
+        return self.FIRST_CONV[self.cfg.embed_layer]
+
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -87,7 +96,6 @@ class VisionTransformer(VisionModel):
         self.num_features = D
         self.global_pool = cfg.global_pool
         self.num_prefix_tokens = int(cfg.class_token) + int(cfg.distilled)
-        self.separate_heads = False  # DeiT in eval mode: both heads' logits instead of their average
         self.grid = (to_2tuple(cfg.img_size)[0] // cfg.reduction, to_2tuple(cfg.img_size)[1] // cfg.reduction)
 
         if cfg.embed_layer == "hybrid":
@@ -208,6 +216,15 @@ class VisionTransformer(VisionModel):
             x, _ = blk(x)
         return self.norm(x)
 
+    def forward_visible(self, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x, ids_keep=ids_keep)
+
+    def forward_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.head_dist is None:
+            return (self(x),)
+        cls, dist = (self.head_drop(self.fc_norm(p)) for p in self.pool(self.forward_features(x)))
+        return self.head(cls), self.head_dist(dist)
+
     def pool(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Tokens `(B, N, D)` -> pooled features `(B, D)` (a pair for DeiT: class and distillation)."""
         if self.dist_token is not None:
@@ -223,11 +240,8 @@ class VisionTransformer(VisionModel):
             if pre_logits:
                 return (cls + dist) / 2
             logits, logits_dist = self.head(cls), self.head_dist(dist)
-            # Training returns both heads (the distillation loss needs them); inference averages them
-            # unless `separate_heads` asks for both (evaluation reports each head).
-            if self.training or self.separate_heads:
-                return logits, logits_dist
-            return (logits + logits_dist) / 2
+            # Training returns both heads (the distillation loss needs them); inference averages them.
+            return (logits, logits_dist) if self.training else (logits + logits_dist) / 2
         x = self.head_drop(self.fc_norm(pooled))
         return x if pre_logits else self.head(x)
 

@@ -1,26 +1,30 @@
 """BEiT masked image modeling (Bao et al. 2022, "BEiT: BERT Pre-Training of Image Transformers").
 
 About 40% of the patches, in blocks, are replaced by a learned [MASK] embedding at the input of a
-BEiT encoder (`Beit.forward_masked`); a linear head on the encoder's output predicts, for each
-masked patch, the discrete visual token a tokenizer assigns to the uncorrupted patch (sec. 2.3).
-The wrapper owns the masking, the tokenizer, the head and the loss; the backbone is unchanged.
+backbone whose family implements the contract's `forward_masked` (BEiT); a linear head on its
+output predicts, for each masked patch, the discrete visual token a tokenizer assigns to the
+uncorrupted patch (sec. 2.3). The objective owns the masking, the tokenizer (tokenizer.py), the head
+and the loss; the backbone is unchanged.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.beit import Beit
-from .mae import MaskedOutput, freeze_unused
-from .masking import BlockwiseMaskGenerator
+from . import Context
+from .masking import BlockwiseMaskGenerator, MaskedImageModeling, MaskedOutput, freeze_unused
+from .tokenizer import build_kmeans_tokenizer, load_tokenizer
 
-UNUSED_BACKBONE = ("head.", "fc_norm.")  # frozen during pre-training (see mae.UNUSED_BACKBONE)
+UNUSED_BACKBONE = ("head.", "fc_norm.")  # never used while pre-training: frozen (`freeze_unused`)
+TOKENIZER = "tokenizer.safetensors"
 
 
-class BeitMIM(nn.Module):
-    """Masked image modeling around a `Beit` built with `use_mask_token=True`.
+class BeitMIM(MaskedImageModeling):
+    """Masked image modeling around a backbone built with `use_mask_token=True`.
 
     `mean`, `std`: the data normalisation of the images the loop feeds in; the tokenizer gets the
     pixels back in [0, 1].
@@ -35,10 +39,11 @@ class BeitMIM(nn.Module):
         std: tuple[float, ...],
         mask_ratio: float = 0.4,
     ) -> None:
-        super().__init__()
-        if not isinstance(encoder, Beit) or encoder.mask_token is None:
-            raise ValueError(f"BEiT pre-training needs a BEiT model with a mask token (beit_*), got {type(encoder).__name__}")
-        self.encoder, self.tokenizer, self.mask_ratio = encoder, tokenizer.eval(), mask_ratio
+        self.check_backbone(encoder, type(encoder).__name__)
+        if encoder.mask_token is None:
+            raise ValueError("BEiT pre-training needs the model built with use_mask_token=True (its [MASK] embedding)")
+        super().__init__(encoder)
+        self.tokenizer, self.mask_ratio = tokenizer.eval(), mask_ratio
         tokenizer.requires_grad_(False)
         freeze_unused(encoder, UNUSED_BACKBONE)
         self.patch = tuple(encoder.patch_embed.reduction)
@@ -52,18 +57,25 @@ class BeitMIM(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self._masking: dict[tuple[int, int], BlockwiseMaskGenerator] = {}
 
+    name = "beit"
+    requires = ("forward_masked", "a model with a [MASK] embedding (beit_*)")
+    picture = "beit_masks.png"
+    build_args = {"use_mask_token": True}
+
+    @classmethod
+    def build(cls, model: nn.Module, ctx: Context) -> BeitMIM:
+        c = ctx.cfg.beit
+        return cls(model, _tokenizer(c, model.patch_embed.reduction, ctx), mean=ctx.mean, std=ctx.std,
+                   mask_ratio=c.mask_ratio).prepare(ctx)
+
     def train(self, mode: bool = True) -> "BeitMIM":
         super().train(mode)
         self.tokenizer.eval()  # always: an external tokenizer's dropout or batch norm must not change its tokens
         return self
 
-    def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """The backbone's weights in the classifier's names, without the [MASK] embedding (a
-        classifier has none) and without the head: what fine-tuning loads."""
-        return {k: v for k, v in self.encoder.state_dict().items() if k != "mask_token"}
+    def backbone_state(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """The backbone's weights without the [MASK] embedding (a classifier has none): what fine-tuning loads."""
+        return {k: v for k, v in super().backbone_state(model).items() if k != "mask_token"}
 
     def masking(self, batch_size: int, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
         gen = self._masking.setdefault(grid, BlockwiseMaskGenerator(grid, self.mask_ratio))
@@ -86,10 +98,47 @@ class BeitMIM(nn.Module):
         """Cross-entropy of the masked patches' tokens only (BEiT eq. 1)."""
         return F.cross_entropy(logits[mask].float(), tokens[mask])
 
-    def forward(self, imgs: torch.Tensor, mask: torch.Tensor | None = None) -> MaskedOutput:
-        grid = (imgs.shape[-2] // self.patch[0], imgs.shape[-1] // self.patch[1])
+    def predict(self, imgs: torch.Tensor, mask: torch.Tensor | None = None) -> MaskedOutput:
         if mask is None:
-            mask = self.masking(imgs.shape[0], grid, imgs.device)
+            mask = self.masking(imgs.shape[0], self.grid(imgs), imgs.device)
         tokens = self.visual_tokens(imgs)
-        logits = self.lm_head(self.norm(self.encoder.forward_masked(imgs, mask)))  # (B, N, vocab)
+        logits = self.lm_head(self.norm(self.model.forward_masked(imgs, mask)))  # (B, N, vocab)
         return MaskedOutput(self.forward_loss(logits, tokens, mask), logits, mask, tokens)
+
+    def picture_rows(self, imgs: torch.Tensor, pixels: torch.Tensor, out: MaskedOutput) -> list[torch.Tensor]:
+        """With a tokenizer that decodes (k-means): the image's visual tokens, and the predicted ones at the masked patches."""
+        if not hasattr(self.tokenizer, "decode"):
+            return []
+        predicted = torch.where(out.mask, out.pred.argmax(-1), out.target)
+        return [self.tokenizer.decode(out.target, self.grid(imgs)), self.tokenizer.decode(predicted, self.grid(imgs))]
+
+
+def _pixels(ctx: Context, count: int) -> torch.Tensor:
+    """Up to `count` training images `(M, C, H, W)` in [0, 1], unaugmented."""
+    from ...data import make_loader
+
+    args = {**ctx.loader_args, "batch_size": 256, "rank": 0, "world_size": 1}
+    m, s = torch.tensor(ctx.mean).view(1, -1, 1, 1), torch.tensor(ctx.std).view(1, -1, 1, 1)
+    chunks, n = [], 0
+    for x, _ in make_loader(ctx.data.train, train=False, **args):
+        chunks.append(x * s + m)
+        n += x.shape[0]
+        if n >= count:
+            break
+    return torch.cat(chunks)[:count]
+
+
+def _tokenizer(c, patch: tuple[int, int], ctx: Context) -> nn.Module:
+    """BEiT's tokenizer: a file, the run's own k-means codebook when resuming, else a new one
+    (every process builds the same from the same images and seed; the main one saves it)."""
+    if c.tokenizer != "kmeans":
+        return load_tokenizer(c.tokenizer, c.vocab_size)
+    path = Path(ctx.run_dir) / TOKENIZER
+    if ctx.resuming:
+        return load_tokenizer(path)
+    data = ctx.data
+    tokenizer = build_kmeans_tokenizer(_pixels(ctx, c.tokenizer_images), patch, tuple(data.mean), tuple(data.std),
+                                       vocab_size=c.vocab_size, seed=ctx.cfg.seed)
+    if ctx.runtime.is_main:
+        tokenizer.save(path)
+    return tokenizer

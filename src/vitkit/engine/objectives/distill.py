@@ -1,4 +1,4 @@
-"""DeiT knowledge distillation: a teacher, and the objective that wraps the student's loss.
+"""DeiT knowledge distillation: a teacher, its loss, and the `Distill` objective (classification plus the teacher).
 
 Touvron et al. 2021: the student's class head learns from the labels, its distillation head
 (the distillation token's) from the teacher, either from its soft predictions (KL divergence at
@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import create_model, load_weights
-from . import rundir
+from ...models import create_model, load_weights
+from ...run import load_run
+from . import Context
+from .classify import Classify, classification_loss
 
 
 class Teacher(nn.Module):
@@ -62,18 +64,15 @@ def load_teacher(
     """A teacher from a vitkit run directory, a registered model name (`tv:resnet18`, `deit_...`)
     with `weights`, or `timm:NAME` with `weights` (needs timm). Its classes must be the data's."""
     path = Path(spec)
-    if (path / rundir.CONFIG).exists():
-        from .inference import load_run
-
+    if path.is_dir():
         run = load_run(path)
         if run.classes != classes:
             raise ValueError(f"teacher {spec} predicts classes {run.classes[:10]}, but the data has {classes[:10]}: "
                              "train the teacher on the same classes")
-        d = run.config["data"]
-        if d["in_chans"] != in_chans:
-            raise ValueError(f"teacher {spec} takes {d['in_chans']}-channel images, the data has {in_chans}")
-        norm = (tuple(d["mean"]), tuple(d["std"]))
-        return Teacher(run.model, name=spec, student_norm=student_norm, teacher_norm=norm, img_size=tuple(d["img_size"]))
+        rec = run.record
+        if rec.in_chans != in_chans:
+            raise ValueError(f"teacher {spec} takes {rec.in_chans}-channel images, the data has {in_chans}")
+        return Teacher(run.model, name=spec, student_norm=student_norm, teacher_norm=(rec.mean, rec.std), img_size=rec.img_size)
     if weights is None:
         raise ValueError(f"teacher {spec!r} is not a vitkit run directory; a model name needs --teacher-weights FILE "
                          "(a randomly initialised teacher teaches nothing)")
@@ -82,7 +81,7 @@ def load_teacher(
             import timm
         except ImportError as e:
             raise ValueError("a timm: teacher needs timm installed (pip install timm)") from e
-        from ..models import read_state_dict
+        from ...models import read_state_dict
 
         model = timm.create_model(spec[5:], pretrained=False, num_classes=len(classes), in_chans=in_chans)
         try:
@@ -134,8 +133,7 @@ class DistillationLoss(nn.Module):
 
     def forward(self, inputs: torch.Tensor, outputs: torch.Tensor | tuple[torch.Tensor, ...], targets: torch.Tensor) -> torch.Tensor:
         if self.kind == "none":
-            outs = outputs if isinstance(outputs, tuple) else (outputs,)
-            return sum(F.cross_entropy(o.float(), targets, label_smoothing=self.label_smoothing) for o in outs) / len(outs)
+            return classification_loss(outputs, targets, self.label_smoothing)
         cls, dist = outputs if isinstance(outputs, tuple) else (outputs, outputs)
         base = F.cross_entropy(cls.float(), targets, label_smoothing=self.label_smoothing)
         teacher = self.teacher(inputs)
@@ -147,3 +145,28 @@ class DistillationLoss(nn.Module):
         else:
             kd = F.cross_entropy(dist.float(), teacher.argmax(dim=1))
         return (1 - self.alpha) * base + self.alpha * kd
+
+
+class Distill(Classify):
+    """Classification with a teacher (`--teacher`): the loss is `DistillationLoss`, the rest is `Classify`'s.
+
+    The teacher is frozen and not part of the objective's state: it is not checkpointed, averaged
+    or synchronised across processes, only run.
+    """
+
+    name = "distill"
+
+    @classmethod
+    def build(cls, model: nn.Module, ctx: Context) -> Distill:
+        objective = super().build(model, ctx)
+        d = ctx.cfg.distill
+        teacher = load_teacher(d.teacher, classes=ctx.data.classes, in_chans=ctx.data.in_chans, img_size=ctx.img_size,
+                               student_norm=(ctx.mean, ctx.std), weights=d.teacher_weights).to(ctx.runtime.device)
+        # Kept out of the module tree on purpose (see the class docstring).
+        object.__setattr__(objective, "criterion", DistillationLoss(teacher, d.kind, d.alpha, d.tau, ctx.cfg.label_smoothing))
+        if ctx.runtime.is_main:
+            print(f"distilling from {d.teacher} ({d.kind}, alpha {d.alpha}{f', tau {d.tau}' if d.kind == 'soft' else ''})")
+        return objective
+
+    def loss(self, x: torch.Tensor, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        return self.criterion(x, outputs, targets)  # the teacher runs here, on the same (mixed) images

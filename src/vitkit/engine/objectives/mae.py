@@ -1,36 +1,23 @@
 """Masked autoencoder (He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners").
 
-The wrapper owns the masking, a light decoder and the loss; the backbone is any ViT-family
-classifier (`VisionTransformer`: ViT, DeiT, hybrids), unchanged, whose encoder runs on the visible
-patches only (`forward_features(x, ids_keep)`). After pre-training, `encoder_state_dict()` is the
-classifier's own state dict, ready for `vitkit train --pretrained`.
+The objective owns the masking, a light decoder and the loss; the backbone is any model whose
+family implements the contract's `forward_visible` (ViT, DeiT, hybrids), unchanged, so its encoder
+runs on the visible patches only. The backbone's state dict is the classifier's own, ready for
+`vitkit train --pretrained`.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from ..models.layers import Block, sincos_2d_pos_embed
-from ..models.vit import VisionTransformer
-from .masking import RandomMaskGenerator, random_mask_count
+from ...models.layers import Block, sincos_2d_pos_embed
+from . import Context
+from .masking import MaskedImageModeling, MaskedOutput, RandomMaskGenerator, freeze_unused, random_mask_count
 
-# Backbone parameters that pre-training never uses: frozen so DistributedDataParallel, which expects a
-# gradient for every trainable parameter, does not stop; they are re-initialised by fine-tuning anyway.
-UNUSED_BACKBONE = ("head.", "head_dist.", "fc_norm.")
-
-
-class MaskedOutput(NamedTuple):
-    """What an objective returns: the loss, the per-patch predictions, the mask (True = masked)
-    and the per-patch targets (MAE: normalised pixels; BEiT: visual token ids)."""
-
-    loss: torch.Tensor
-    pred: torch.Tensor
-    mask: torch.Tensor
-    target: torch.Tensor
+UNUSED_BACKBONE = ("head.", "head_dist.", "fc_norm.")  # never used while pre-training: frozen (`freeze_unused`)
 
 
 def patchify(imgs: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
@@ -49,13 +36,7 @@ def unpatchify(x: torch.Tensor, patch: tuple[int, int], grid: tuple[int, int], c
     return x.permute(0, 5, 1, 3, 2, 4).reshape(B, chans, gh * ph, gw * pw)
 
 
-def freeze_unused(backbone: nn.Module, prefixes: tuple[str, ...]) -> None:
-    for name, p in backbone.named_parameters():
-        if name.startswith(prefixes):
-            p.requires_grad_(False)
-
-
-class MaskedAutoencoder(nn.Module):
+class MaskedAutoencoder(MaskedImageModeling):
     """MAE around a ViT-family backbone.
 
     encoder: patch embedding + position embedding, then the backbone's blocks on the visible ~25%
@@ -64,6 +45,10 @@ class MaskedAutoencoder(nn.Module):
     prediction of each patch's pixels. The loss is the mean squared error on masked patches only,
     against pixels normalised per patch (`norm_pix_loss`, MAE's better target, Table 1d).
     """
+
+    name = "mae"
+    requires = ("forward_visible", "a ViT-family backbone that encodes only the visible patches (vit_*, deit_*, hybrids)")
+    picture = "mae_reconstructions.png"
 
     def __init__(
         self,
@@ -75,10 +60,8 @@ class MaskedAutoencoder(nn.Module):
         decoder_heads: int = 4,
         norm_pix_loss: bool = True,
     ) -> None:
-        super().__init__()
-        if not isinstance(encoder, VisionTransformer):
-            raise ValueError(f"MAE needs a ViT-family backbone (vit_*, deit_*, hybrids); got {type(encoder).__name__}")
-        self.encoder = encoder
+        self.check_backbone(encoder, type(encoder).__name__)
+        super().__init__(encoder)
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.patch = tuple(encoder.patch_embed.reduction)  # pixels per token side
         self.in_chans = encoder.cfg.in_chans
@@ -106,12 +89,17 @@ class MaskedAutoencoder(nn.Module):
                 nn.init.xavier_uniform_(m.weight)  # MAE's init for its own layers
                 nn.init.zeros_(m.bias)
 
-    def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"mask_token"}
+    @classmethod
+    def build(cls, model: nn.Module, ctx: Context) -> MaskedAutoencoder:
+        c = ctx.cfg.mae
+        # Half the encoder's width (MAE: 512 for ViT-L), at least 64; a multiple of 4 per head for the sin-cos positions.
+        unit = 4 * c.decoder_heads
+        decoder_dim = c.decoder_dim or max(64, model.num_features // 2 // unit * unit)
+        return cls(model, mask_ratio=c.mask_ratio, decoder_dim=decoder_dim, decoder_depth=c.decoder_depth,
+                   decoder_heads=c.decoder_heads, norm_pix_loss=c.norm_pix_loss).prepare(ctx)
 
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """The backbone's weights in the classifier's names (no decoder): what fine-tuning loads."""
-        return self.encoder.state_dict()
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"mask_token"}
 
     def masking(self, batch_size: int, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
         return RandomMaskGenerator(grid, self.mask_ratio)(batch_size, device)
@@ -128,7 +116,7 @@ class MaskedAutoencoder(nn.Module):
         """Latent tokens `(B, prefix + K, D)` of the K visible patches (`mask` False), in patch order."""
         num_visible = mask.shape[1] - random_mask_count(mask.shape[1], self.mask_ratio)
         ids_keep = self._visible_first(mask)[:, :num_visible]
-        return self.encoder_norm(self.encoder.forward_features(imgs, ids_keep=ids_keep))
+        return self.encoder_norm(self.model.forward_visible(imgs, ids_keep))
 
     def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Predicted pixels `(B, N, ph * pw * C)` for every patch."""
@@ -157,8 +145,8 @@ class MaskedAutoencoder(nn.Module):
         m = mask.float()
         return (per_patch * m).sum() / m.sum().clamp_min(1)
 
-    def forward(self, imgs: torch.Tensor, mask: torch.Tensor | None = None) -> MaskedOutput:
-        grid = (imgs.shape[-2] // self.patch[0], imgs.shape[-1] // self.patch[1])
+    def predict(self, imgs: torch.Tensor, mask: torch.Tensor | None = None) -> MaskedOutput:
+        grid = self.grid(imgs)
         if mask is None:
             mask = self.masking(imgs.shape[0], grid, imgs.device)
         pred = self.forward_decoder(self.forward_encoder(imgs, mask), mask, grid)
@@ -169,10 +157,15 @@ class MaskedAutoencoder(nn.Module):
     def reconstruct(self, imgs: torch.Tensor, out: MaskedOutput) -> torch.Tensor:
         """Images from the predictions (per-patch normalisation undone with the true patch statistics,
         as in MAE's demo), with the visible patches pasted from the input."""
-        grid = (imgs.shape[-2] // self.patch[0], imgs.shape[-1] // self.patch[1])
+        grid = self.grid(imgs)
         pred = out.pred.float()
         if self.norm_pix_loss:
             raw = patchify(imgs.float(), self.patch)
             pred = pred * (raw.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + raw.mean(dim=-1, keepdim=True)
         pred = torch.where(out.mask.unsqueeze(-1), pred, patchify(imgs.float(), self.patch))
         return unpatchify(pred, self.patch, grid, self.in_chans)
+
+    def picture_rows(self, imgs: torch.Tensor, pixels: torch.Tensor, out: MaskedOutput) -> list[torch.Tensor]:
+        """The reconstruction, in [0, 1] pixels."""
+        mean, std = (n.to(imgs) for n in self.pixel_stats)
+        return [self.reconstruct(imgs, out) * std + mean]

@@ -1,4 +1,5 @@
-"""Which patches to hide: MAE's uniform random masking and BEiT's blockwise masking.
+"""Which patches to hide (MAE's uniform random masking, BEiT's blockwise masking), and the base of
+the objectives that hide them (`MaskedImageModeling`).
 
 Both generators return a boolean mask `(B, N)` over the patch grid in row-major order (True = masked)
 and draw from torch's global RNG, which the pre-training loop reseeds every epoch, so a resumed run
@@ -8,9 +9,15 @@ masks exactly as an uninterrupted one.
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
+from torch import nn
+
+from ...run import atomic_write
+from . import Context, Objective
 
 
 def random_mask_count(num_patches: int, mask_ratio: float) -> int:
@@ -103,3 +110,97 @@ class BlockwiseMaskGenerator:
     def __repr__(self) -> str:
         return (f"BlockwiseMaskGenerator(grid={self.grid}, mask_ratio={self.mask_ratio}, "
                 f"min_block={self.min_block})")
+
+
+# -- what masked image modeling objectives share ---------------------------------------------------
+
+
+class MaskedOutput(NamedTuple):
+    """What a masked-modeling objective computes: the loss, the per-patch predictions, the mask
+    (True = masked) and the per-patch targets (MAE: normalised pixels; BEiT: visual token ids)."""
+
+    loss: torch.Tensor
+    pred: torch.Tensor
+    mask: torch.Tensor
+    target: torch.Tensor
+
+
+NUM_PICTURES = 8
+
+
+class MaskedImageModeling(Objective):
+    """Base of MAE and BEiT: no labels, no classifier (the backbone is built with `num_classes=0`);
+    evaluated on the validation loss with the same masks every epoch; a picture per epoch.
+
+    Subclasses set `patch`, implement `masking(batch, grid, device)` and `predict(imgs, mask) ->
+    MaskedOutput`, and `picture_rows`.
+    """
+
+    labels = False
+    classifier = False
+    picture: ClassVar[str]
+    patch: tuple[int, int]
+
+    def masking(self, batch_size: int, grid: tuple[int, int], device: torch.device | str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict(self, imgs: torch.Tensor, mask: torch.Tensor | None = None) -> MaskedOutput:
+        raise NotImplementedError
+
+    def grid(self, imgs: torch.Tensor) -> tuple[int, int]:
+        return imgs.shape[-2] // self.patch[0], imgs.shape[-1] // self.patch[1]
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.predict(x).loss, {}
+
+    @torch.no_grad()
+    def evaluate(self, loader, runtime) -> dict[str, float]:
+        """The mean loss with masks drawn from a fixed seed: the same masks every epoch, so the
+        numbers compare across epochs (and the training RNG is left as it was)."""
+        self.eval()
+        total, seen = 0.0, 0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.eval_seed)
+            for x, _ in loader:
+                (x,) = runtime.to(x)
+                mask = self.masking(x.shape[0], self.grid(x), "cpu").to(runtime.device)
+                with runtime.autocast():
+                    total += self.predict(x, mask).loss.item() * x.shape[0]
+                seen += x.shape[0]
+        total, seen = runtime.sum([total, seen])
+        return {"val_loss": total / seen} if seen else {}
+
+    def prepare(self, ctx: Context) -> MaskedImageModeling:
+        """Fix the validation masks' seed, and the images and masks the pictures show every epoch."""
+        from ...data import make_loader
+
+        self.eval_seed, self.samples = ctx.cfg.seed, None
+        if not ctx.runtime.is_main:
+            return self
+        split = ctx.data.val if len(ctx.data.val) else ctx.data.train
+        args = {**ctx.loader_args, "rank": 0, "world_size": 1}
+        self.samples = next(iter(make_loader(split, train=False, **args)))[0][:NUM_PICTURES]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.cfg.seed)
+            self.sample_mask = self.masking(self.samples.shape[0], self.grid(self.samples), "cpu")
+        self.pixel_stats = (torch.tensor(ctx.mean).view(1, -1, 1, 1), torch.tensor(ctx.std).view(1, -1, 1, 1))
+        return self
+
+    def picture_rows(self, imgs: torch.Tensor, pixels: torch.Tensor, out: MaskedOutput) -> list[torch.Tensor]:
+        return []
+
+    def on_epoch_end(self, run_dir: Path, epoch: int) -> None:
+        """RUN/<picture>.png (the latest) and RUN/pictures/<picture>_epochNNN.png."""
+        from .pictures import save_grid
+
+        path, device = Path(run_dir) / self.picture, next(self.parameters()).device
+        save_grid(self, self.samples.to(device), self.sample_mask.to(device), *self.pixel_stats, path)
+        atomic_write(Path(run_dir) / "pictures" / f"{path.stem}_epoch{epoch + 1:03d}.png", path.read_bytes())
+
+
+def freeze_unused(backbone: nn.Module, prefixes: tuple[str, ...]) -> None:
+    """Freeze parameters pre-training never uses, so DistributedDataParallel, which expects a
+    gradient for every trainable parameter, does not stop; fine-tuning re-initialises them."""
+    for name, p in backbone.named_parameters():
+        if name.startswith(prefixes):
+            p.requires_grad_(False)

@@ -1,9 +1,5 @@
-"""PNG grids written during pre-training, and the loss curve.
-
-MAE: rows original / masked input / reconstruction (predicted masked patches, visible ones pasted).
-BEiT: rows original / masked input, then, for a tokenizer that can decode its tokens (k-means),
-the visual tokens of the image and the tokens the model predicts at the masked patches.
-"""
+"""PNG grids written during masked-image pre-training: rows original / masked input, then the
+objective's own rows (`picture_rows`: MAE's reconstruction; BEiT's visual tokens and predictions)."""
 
 from __future__ import annotations
 
@@ -15,8 +11,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.utils import make_grid
 
-from ..engine import rundir
-from .mae import MaskedAutoencoder, MaskedOutput, patchify, unpatchify
+from ...run import atomic_write
+from .mae import patchify, unpatchify
+from .masking import MaskedOutput
 
 MASK_GREY = 0.5  # masked patches are drawn mid-grey
 
@@ -49,40 +46,9 @@ def save_grid(objective: torch.nn.Module, imgs: torch.Tensor, mask: torch.Tensor
     was_training = objective.training
     objective.eval()
     try:
-        out: MaskedOutput = objective(imgs, mask)
-        mean, std = mean.to(imgs), std.to(imgs)
-        pixels = (imgs.float() * std + mean).clamp(0, 1)
-        patch = objective.patch
-        rows = [pixels, _masked(pixels, mask, patch)]
-        if isinstance(objective, MaskedAutoencoder):
-            rows.append(objective.reconstruct(imgs, out) * std + mean)
-        elif hasattr(objective.tokenizer, "decode"):
-            grid = (imgs.shape[-2] // patch[0], imgs.shape[-1] // patch[1])
-            predicted = torch.where(mask, out.pred.argmax(-1), out.target)
-            rows += [objective.tokenizer.decode(out.target, grid), objective.tokenizer.decode(predicted, grid)]
+        out: MaskedOutput = objective.predict(imgs, mask)
+        pixels = (imgs.float() * std.to(imgs) + mean.to(imgs)).clamp(0, 1)
+        rows = [pixels, _masked(pixels, mask, objective.patch)] + objective.picture_rows(imgs, pixels, out)
     finally:
         objective.train(was_training)
-    side = imgs.shape[-1]
-    rundir.atomic_write(path, _png([r.cpu() for r in rows], scale=max(1, 96 // side)))
-
-
-def plot_loss(run_dir: Path, rows: list[dict]) -> None:
-    """Training and validation loss per epoch, as `curves.png`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [r["epoch"] + 1 for r in rows]
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    ax.plot(ep, [r["train_loss"] for r in rows], label="train")
-    if all("val_loss" in r for r in rows):
-        ax.plot(ep, [r["val_loss"] for r in rows], label="val")
-    ax.set(xlabel="epoch", ylabel="loss", title="pre-training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    rundir.atomic_write(run_dir / rundir.CURVES, buf.getvalue())
+    atomic_write(path, _png([r.cpu() for r in rows], scale=max(1, 96 // imgs.shape[-1])))

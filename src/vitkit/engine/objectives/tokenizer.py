@@ -59,7 +59,7 @@ class KMeansTokenizer(nn.Module):
         return (x * self.std + self.mean).clamp(0, 1)
 
     def save(self, path: str | Path) -> None:
-        from ..engine.rundir import atomic_write
+        from ...run import atomic_write
 
         meta = {"format": KMEANS_FORMAT, "patch": f"{self.patch[0]},{self.patch[1]}"}
         tensors = {"codebook": self.codebook, "mean": self.mean.flatten(), "std": self.std.flatten()}
