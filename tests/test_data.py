@@ -85,3 +85,65 @@ def test_tensor_loader_is_deterministic_per_epoch_and_augments():
     # Eval batches come in order and unaugmented.
     x0, y0 = next(iter(plain))
     assert torch.equal(y0, d.train.labels[:32])
+
+
+# -- MNIST-format (IDX) data sets, offline ----------------------------------------------------------
+def _write_idx(path, array, gz):
+    import gzip
+
+    codes = {np.uint8: 0x08, np.int32: 0x0C}
+    header = bytes([0, 0, codes[array.dtype.type], array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    data = header + array.astype(array.dtype.newbyteorder(">") if array.itemsize > 1 else array.dtype).tobytes()
+    (gzip.open if gz else open)(str(path) + (".gz" if gz else ""), "wb").write(data)
+
+
+def _idx_folder(root, gz=True, n=(30, 10)):
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for split, count in zip(("train", "t10k"), n):
+        _write_idx(root / f"{split}-images-idx3-ubyte", rng.integers(0, 255, (count, 28, 28), dtype=np.uint8), gz)
+        _write_idx(root / f"{split}-labels-idx1-ubyte", (np.arange(count) % 10).astype(np.uint8), gz)
+    return root
+
+
+def test_fashion_mnist_loads_offline_from_the_debian_package():
+    """`apt-get install dataset-fashion-mnist` (the README's set-up): 60,000 train / 10,000 test, named classes."""
+    d = load_data("fashion-mnist")
+    assert (len(d.train), len(d.val), d.num_classes, d.in_chans) == (60000, 10000, 10, 1)
+    assert d.classes[0] == "T-shirt/top" and d.classes[9] == "Ankle boot" and d.hflip  # clothing: mirrors keep labels
+    assert torch.bincount(d.val.labels).tolist() == [1000] * 10 and torch.bincount(d.train.labels).tolist() == [6000] * 10
+    assert 0.28 < d.mean[0] < 0.29 and d.val.images.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_a_folder_of_idx_files_is_a_data_set(tmp_path, gz):
+    d = load_data(str(_idx_folder(tmp_path / "mine", gz=gz)))
+    assert (len(d.train), len(d.val)) == (30, 10) and d.classes == [str(i) for i in range(10)] and not d.hflip
+
+
+def test_named_idx_sets_are_looked_for_in_vitkit_data_first(tmp_path, monkeypatch):
+    _idx_folder(tmp_path / "kmnist", n=(20, 10))
+    monkeypatch.setenv("VITKIT_DATA", str(tmp_path))
+    d = load_data("kmnist")
+    assert len(d.train) == 20 and d.classes[:2] == ["o", "ki"] and not d.hflip
+    monkeypatch.setenv("VITKIT_DATA", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="no kmnist files .* --data FOLDER_OF_IDX_FILES"):
+        load_data("kmnist")
+    import vitkit.data.idx as idx
+
+    monkeypatch.setattr(idx, "SYSTEM_DATASETS", tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_data("fashion-mnist")
+
+
+def test_a_truncated_idx_file_is_named(tmp_path):
+    from vitkit.data.idx import read_idx
+
+    root = _idx_folder(tmp_path / "cut", gz=False)
+    data = (root / "t10k-images-idx3-ubyte").read_bytes()
+    (root / "t10k-images-idx3-ubyte").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte is truncated"):
+        read_idx(root / "t10k-images-idx3-ubyte")
+    (root / "t10k-images-idx3-ubyte").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        load_data(str(root))

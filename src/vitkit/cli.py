@@ -1,17 +1,20 @@
-"""The `vitkit` command line: each subcommand parses its options and calls the library."""
+"""The `vitkit` command line: every subcommand's options come from types (a config dataclass, or
+the typed signature and docstring of its `cmd_*` function), and each calls one library function."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import inspect
+import json as _json
 import os
 import sys
-from pathlib import Path
-from typing import Optional
-
+import typing
 from argparse import ArgumentError
+from pathlib import Path
+from typing import Callable, Literal, Optional
 
-from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace, set_parsing_settings
+import docstring_parser
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -38,111 +41,51 @@ def _pretrain_parser() -> ArgumentParser:
                           "fine-tune the run with `vitkit train --pretrained RUN`.")
 
 
+def _command(fn: Callable[..., int], *, many: tuple[str, ...] = (), maybe: tuple[str, ...] = (),
+             repeat: tuple[str, ...] = ()) -> ArgumentParser:
+    """A subcommand's parser from its function's typed signature and docstring, as train and pretrain
+    are built from their configs. argparse shapes jsonargparse does not make from a type: `many`
+    positionals take one or more values, `maybe` positionals may be left out, and `repeat` options
+    take one or more of a Literal's values, repeatably (`--precision bf16 fp32`)."""
+    doc = inspect.getdoc(fn) or ""
+    p = ArgumentParser(description=doc.split("\n\n")[0], exit_on_error=False)
+    p.add_function_arguments(fn, as_group=False, as_positional=True, skip=set(many + maybe + repeat))
+    helps = {a.arg_name: a.description for a in docstring_parser.parse(doc).params}
+    hints = typing.get_type_hints(fn)
+    for name in many:
+        p.add_argument(name, nargs="+", help=helps[name])
+    for name in maybe:
+        p.add_argument(name, nargs="?", default=None, help=helps[name])
+    for name in repeat:
+        choices = typing.get_args(typing.get_args(typing.get_args(hints[name])[0])[0])  # list[Literal[...]] | None
+        p.add_argument(f"--{name}", nargs="+", action="extend", choices=choices, default=None, help=helps[name])
+    return p
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="vitkit", description="Vision Transformers: train, evaluate, predict.", exit_on_error=False)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subcommands(dest="command", required=True)
     sub.add_subcommand("train", _train_parser(), help="train or resume a run")
     sub.add_subcommand("pretrain", _pretrain_parser(), help="self-supervised pre-training: MAE or BEiT")
-
-    ev = ArgumentParser(description="Top-1, top-5 and loss of a run; written to RUN_DIR/eval.json.", exit_on_error=False)
-    ev.add_argument("run_dir", help="a run directory")
-    ev.add_argument("--data", default=None, help="data set name or folder (default: the run's validation split)")
-    ev.add_argument("--batch_size", type=int, default=256)
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--out", default=None, help="report folder: JSON, PNGs, report.html (default: RUN_DIR/eval)")
-    ev.add_argument("--no_report", action="store_true", help="only top-1, top-5 and loss (RUN_DIR/eval.json)")
-    ev.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],
-                    help="auto: the EMA weights when the run kept them; ema; raw")
-    ev.add_argument("--tta", default=None, type=Optional[bool], help="test-time augmentation: flips and/or 1 px shifts, as the run trained (default: the run's setting)")
-    sub.add_subcommand("eval", ev, help="evaluate a run")
-
-    xp = ArgumentParser(description="Heat maps of what a run's model looks at, overlaid on the images, as PNGs.",
-                        exit_on_error=False)
-    xp.add_argument("run_dir", help="a run directory")
-    xp.add_argument("images", nargs="+", help="image files or folders")
-    xp.add_argument("--method", choices=["rollout", "attention", "gradcam", "all"], default="rollout",
-                    help="rollout: attention rollout over all blocks (window-aware for Swin); attention: the last "
-                    "block's, per head; gradcam: gradient-weighted last-block tokens; all: each of them")
-    xp.add_argument("--head_fusion", choices=["mean", "max", "min"], default="mean", help="how heads are combined")
-    xp.add_argument("--discard_ratio", type=float, default=0.0, help="rollout: zero this share of the weakest links")
-    xp.add_argument("--target", default=None, help="gradcam: explain this class (default: the predicted one)")
-    xp.add_argument("--out", default=None, help="folder for the PNGs (default: RUN_DIR/explain)")
-    xp.add_argument("--device", default="cpu")
-    sub.add_subcommand("explain", xp, help="attention maps, rollout and Grad-CAM over images")
-
-    pr = ArgumentParser(description="Class probabilities for images; unreadable images are reported and skipped.", exit_on_error=False)
-    pr.add_argument("run_dir", help="a run directory")
-    pr.add_argument("images", nargs="+", help="image files or folders")
-    pr.add_argument("--topk", type=int, default=5)
-    pr.add_argument("--json", action="store_true", help="print JSON instead of text")
-    pr.add_argument("--device", default="cpu")
-    sub.add_subcommand("predict", pr, help="predict classes of images")
-
-    md = ArgumentParser(description="The registry: name, family, parameters, GFLOPs and default image size.", exit_on_error=False)
-    md.add_argument("pattern", nargs="?", default=None, help="wildcard or substring, e.g. 'deit*'")
-    sub.add_subcommand("models", md, help="list registered models")
-
-    cv = ArgumentParser(description="Convert a timm file, Hugging Face directory or hub id, or JAX .npz to a run directory.",
-                        exit_on_error=False)
-    cv.add_argument("src", help="weights file, Hugging Face directory, or hub id org/name")
-    cv.add_argument("out", help="run directory to write")
-    cv.add_argument("--model", default=None, help="registered model name (required for timm files)")
-    cv.add_argument("--num_classes", type=int, default=None, help="a new classifier with this many classes")
-    cv.add_argument("--img_size", type=int, default=None, help="input side; position embeddings are resampled")
-    sub.add_subcommand("convert", cv, help="convert pretrained weights to a vitkit run")
-
-    ex = ArgumentParser(description="Export a run to ONNX, TorchScript or a torch.export program, checked against "
-                        "PyTorch; preprocess.json next to the model holds the preprocessing and class names.",
-                        exit_on_error=False)
-    ex.add_argument("run_dir", help="a run directory")
-    ex.add_argument("--format", choices=["onnx", "torchscript", "exported-program"], default="onnx")
-    ex.add_argument("--out", default=None, help="folder to write (default: RUN_DIR/export-FORMAT)")
-    ex.add_argument("--dynamic_batch", action=ActionYesNo, default=True, help="a free batch dimension")
-    ex.add_argument("--int8", action="store_true",
-                    help="also write model.int8.onnx (dynamic int8 linear layers) and report its accuracy change")
-    ex.add_argument("--weights", choices=["auto", "ema", "raw"], default="auto", help="auto: EMA weights when kept")
-    sub.add_subcommand("export", ex, help="export a run for use outside vitkit")
-
-    sv = ArgumentParser(description="Serve a run directory or ONNX export over HTTP: POST /predict, GET /health, "
-                        "GET /metrics, and a web page at / to try it. A full queue answers 503 with Retry-After.",
-                        exit_on_error=False)
-    sv.add_argument("path", help="a run directory, an ONNX export folder or one of its .onnx files")
-    sv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max_upload_mb", type=float, default=10.0, help="larger request bodies get 413")
-    sv.add_argument("--max_batch", type=int, default=32, help="most concurrent requests in one forward pass")
-    sv.add_argument("--max_wait_ms", type=float, default=2.0, help="how long a batch waits for more requests")
-    sv.add_argument("--max_queue", type=int, default=64,
-                    help="most requests waiting at once (upload read, decoded or queued for a batch); more get 503 "
-                         "with Retry-After")
-    sv.add_argument("--timeout_s", type=float, default=30.0,
-                    help="a request not answered within this gets 504 and its work is dropped")
-    sv.add_argument("--max_image_pixels", type=int, default=40_000_000,
-                    help="larger images (or resized copies) get 413; decoding one costs ~14 bytes per pixel")
-    sub.add_subcommand("serve", sv, help="serve predictions and a web page")
-
-    bm = ArgumentParser(description="Training and inference speed of a model on this machine: images/s, latency, "
-                        "peak memory, GFLOPs and TFLOP/s against the measured matmul peak.", exit_on_error=False)
-    bm.add_argument("--model", required=True, help="a name from `vitkit models`")
-    bm.add_argument("--mode", nargs="+", action="extend", choices=["train", "infer"], default=None,
-                    help="train and/or infer, repeatable; null means both")
-    bm.add_argument("--precision", nargs="+", action="extend", choices=["auto", "fp32", "bf16", "fp16"], default=None,
-                    help="one or more of auto, fp32, bf16, fp16, repeatable; null means fp32 and auto")
-    bm.add_argument("--batch_size", type=int, default=64)
-    bm.add_argument("--img_size", type=int, default=None, help="input side in pixels (default: the model's)")
-    bm.add_argument("--steps", type=int, default=10, help="timed batches per row (the median is reported)")
-    bm.add_argument("--warmup", type=int, default=3, help="untimed batches per row before timing")
-    bm.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto")
-    bm.add_argument("--matmul_size", type=int, default=None,
-                    help="side of the square matmuls that measure the peak (default 2048 on CPU, 8192 on CUDA)")
-    bm.add_argument("--json", default=None, help="also write the report to this JSON file")
-    sub.add_subcommand("benchmark", bm, help="measure training and inference speed")
+    sub.add_subcommand("eval", _command(cmd_eval), help="evaluate a run")
+    sub.add_subcommand("explain", _command(cmd_explain, many=("images",)), help="attention maps, rollout and Grad-CAM over images")
+    sub.add_subcommand("predict", _command(cmd_predict, many=("images",)), help="predict classes of images")
+    sub.add_subcommand("models", _command(cmd_models, maybe=("pattern",)), help="list registered models")
+    sub.add_subcommand("convert", _command(cmd_convert), help="convert pretrained weights to a vitkit run")
+    sub.add_subcommand("export", _command(cmd_export), help="export a run for use outside vitkit")
+    sub.add_subcommand("serve", _command(cmd_serve), help="serve predictions and a web page")
+    sub.add_subcommand("benchmark", _command(cmd_benchmark, repeat=("mode", "precision")),
+                       help="measure training and inference speed")
     return parser
 
 
-# On/off training switches that may be given bare (`--compile` for `--compile true`).
-_SWITCHES = {"--compile", "--grad_checkpointing", "--strict", "--tta", "--hflip", "--linear_probe", "--mae.norm_pix_loss"}
+# On/off switches that may be given bare (`--compile` for `--compile true`), by subcommand.
+_SWITCHES = {
+    "train": {"--compile", "--grad_checkpointing", "--strict", "--tta", "--hflip", "--linear_probe"},
+    "pretrain": {"--compile", "--grad_checkpointing", "--strict", "--hflip", "--mae.norm_pix_loss"},
+    "eval": {"--no_report", "--tta"}, "predict": {"--json"}, "export": {"--int8", "--dynamic_batch"},
+}
 # The objectives' settings live in their own configs; their short flags stay as users know them.
 _SHORT_FLAGS = {
     "train": {"--teacher": "--distill.teacher", "--teacher_weights": "--distill.teacher_weights",
@@ -151,6 +94,7 @@ _SHORT_FLAGS = {
                  "--decoder_depth": "--mae.decoder_depth", "--decoder_heads": "--mae.decoder_heads",
                  "--tokenizer": "--beit.tokenizer", "--vocab_size": "--beit.vocab_size",
                  "--tokenizer_images": "--beit.tokenizer_images"},
+    "export": {"--no_dynamic_batch": "--dynamic_batch=false"},
 }
 
 
@@ -170,7 +114,7 @@ def _normalize_flags(argv: list[str]) -> list[str]:
             flag = "--" + name.replace("-", "_")
             a = short.get(flag, flag) + eq + val
         out.append(a)
-        if a in _SWITCHES and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+        if a in _SWITCHES.get(command, ()) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             out.append("true")
     return out
 
@@ -211,16 +155,29 @@ def cmd_pretrain(ns: Namespace) -> int:
     return 0
 
 
-def cmd_eval(ns: Namespace) -> int:
+def cmd_eval(run_dir: str, *, data: Optional[str] = None, batch_size: int = 256, device: str = "cpu",
+             out: Optional[str] = None, no_report: bool = False, weights: Literal["auto", "ema", "raw"] = "auto",
+             tta: Optional[bool] = None) -> int:
+    """Top-1, top-5 and loss of a run; written to RUN_DIR/eval.json.
+
+    Args:
+        run_dir: a run directory
+        data: data set name or folder (default: the run's validation split)
+        batch_size: images per batch
+        device: cpu, cuda, ...
+        out: report folder: JSON, PNGs, report.html (default: RUN_DIR/eval)
+        no_report: only top-1, top-5 and loss (RUN_DIR/eval.json)
+        weights: auto: the EMA weights when the run kept them; ema; raw
+        tta: test-time augmentation: flips and/or 1 px shifts, as the run trained (default: the run's setting)
+    """
     from .engine import evaluate_run
 
-    report = None if ns.no_report else Path(ns.out or Path(ns.run_dir) / "eval")
-    r = evaluate_run(ns.run_dir, ns.data, batch_size=ns.batch_size, device=ns.device, report_dir=report, tta=ns.tta,
-                     weights=ns.weights)
+    report = None if no_report else Path(out or Path(run_dir) / "eval")
+    r = evaluate_run(run_dir, data, batch_size=batch_size, device=device, report_dir=report, tta=tta, weights=weights)
     print(f"{r['data']}: top-1 {r['acc1']:.2f}%  top-5 {r['acc5']:.2f}%  loss {r['loss']:.4f}  ({r['n']} images)")
     if "acc1_heads" in r:  # DeiT: the prediction averages the two heads
         print(f"  class head {r['acc1_heads'][0]:.2f}%  distillation head {r['acc1_heads'][1]:.2f}%  average {r['acc1']:.2f}%")
-    print(f"written to {ns.run_dir}/eval.json")
+    print(f"written to {run_dir}/eval.json")
     if report is not None:
         print(f"report: {report / 'report.html'} (report.json and the PNGs alongside)")
     return 0
@@ -243,45 +200,72 @@ def _readable_images(patterns: list[str], command: str) -> tuple[list[Path], int
     return files, bad
 
 
-def cmd_explain(ns: Namespace) -> int:
-    """Overlays for every readable image; unreadable ones are reported on stderr (exit 1)."""
+def cmd_explain(run_dir: str, images: list[str], *, method: Literal["rollout", "attention", "gradcam", "all"] = "rollout",
+                head_fusion: Literal["mean", "max", "min"] = "mean", discard_ratio: float = 0.0,
+                target: Optional[str] = None, out: Optional[str] = None, device: str = "cpu") -> int:
+    """Heat maps of what a run's model looks at, overlaid on the images, as PNGs; unreadable images
+    are reported on stderr (exit status 1).
+
+    Args:
+        run_dir: a run directory
+        images: image files or folders
+        method: rollout: attention rollout over all blocks (window-aware for Swin); attention: the last block's, per head; gradcam: gradient-weighted last-block tokens; all: each of them
+        head_fusion: how heads are combined
+        discard_ratio: rollout: zero this share of the weakest links
+        target: gradcam: explain this class (default: the predicted one)
+        out: folder for the PNGs (default: RUN_DIR/explain)
+        device: cpu, cuda, ...
+    """
     from .explain import METHODS, explain_files
     from .run import load_run
 
-    run = load_run(ns.run_dir, ns.device)
-    files, bad = _readable_images(ns.images, "explain")
-    out = Path(ns.out or Path(ns.run_dir) / "explain")
-    methods = METHODS if ns.method == "all" else (ns.method,)
-    written = explain_files(run, files, out, methods=methods, head_fusion=ns.head_fusion,
-                            discard_ratio=ns.discard_ratio, target=ns.target)
+    run = load_run(run_dir, device)
+    files, bad = _readable_images(images, "explain")
+    out = Path(out or Path(run_dir) / "explain")
+    methods = METHODS if method == "all" else (method,)
+    written = explain_files(run, files, out, methods=methods, head_fusion=head_fusion, discard_ratio=discard_ratio,
+                            target=target)
     print(f"{len(written)} overlays ({', '.join(methods)}) written to {out}")
     return 1 if bad else 0
 
 
-def cmd_predict(ns: Namespace) -> int:
-    """Predict every readable image; report unreadable ones on stderr and exit 1 if there were any."""
+def cmd_predict(run_dir: str, images: list[str], *, topk: int = 5, json: bool = False, device: str = "cpu") -> int:
+    """Class probabilities for images; unreadable images are reported on stderr and skipped (exit status 1).
+
+    Args:
+        run_dir: a run directory
+        images: image files or folders
+        topk: how many classes per image
+        json: print JSON instead of text
+        device: cpu, cuda, ...
+    """
     from .run import load_run
 
-    run = load_run(ns.run_dir, ns.device)
-    files, bad = _readable_images(ns.images, "predict")
-    preds = run.predict(files, topk=ns.topk)
-    if ns.json:
-        print(json.dumps([{"image": str(f), "top": [{"class": c, "prob": p} for c, p in ps]} for f, ps in zip(files, preds)], indent=2))
+    run = load_run(run_dir, device)
+    files, bad = _readable_images(images, "predict")
+    preds = run.predict(files, topk=topk)
+    if json:
+        print(_json.dumps([{"image": str(f), "top": [{"class": c, "prob": p} for c, p in ps]} for f, ps in zip(files, preds)], indent=2))
     else:
         for f, ps in zip(files, preds):
             print(f"{f}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in ps))
     return 1 if bad else 0
 
 
-def cmd_models(ns: Namespace) -> int:
+def cmd_models(pattern: Optional[str] = None) -> int:
+    """The registry: name, family, parameters, GFLOPs and default image size.
+
+    Args:
+        pattern: wildcard or substring, e.g. 'deit*'
+    """
     import torch
 
     from .models import create_model, get_model_entry, list_models
     from .models.profile import count_flops, count_params
 
-    names = list_models(ns.pattern)
+    names = list_models(pattern)
     if not names:
-        raise ValueError(f"no model matches {ns.pattern!r}; `vitkit models` lists them all")
+        raise ValueError(f"no model matches {pattern!r}; `vitkit models` lists them all")
     print(f"{'name':<36} {'family':<8} {'params':>9} {'GFLOPs':>8} {'img size':>9}")
     for name in names:
         entry = get_model_entry(name)
@@ -297,20 +281,41 @@ def cmd_models(ns: Namespace) -> int:
     return 0
 
 
-def cmd_convert(ns: Namespace) -> int:
+def cmd_convert(src: str, out: str, *, model: Optional[str] = None, num_classes: Optional[int] = None,
+                img_size: Optional[int] = None) -> int:
+    """Convert a timm file, Hugging Face directory or hub id, or JAX .npz to a run directory.
+
+    Args:
+        src: weights file, Hugging Face directory, or hub id org/name
+        out: run directory to write
+        model: registered model name (required for timm files)
+        num_classes: a new classifier with this many classes
+        img_size: input side; position embeddings are resampled
+    """
     from .convert import convert
 
-    out = convert(ns.src, ns.out, model=ns.model, num_classes=ns.num_classes, img_size=ns.img_size)
-    print(f"run saved to {out}")
+    print(f"run saved to {convert(src, out, model=model, num_classes=num_classes, img_size=img_size)}")
     return 0
 
 
-def cmd_export(ns: Namespace) -> int:
-    """Export, then report parity (exit status 1 when it fails) and the int8 accuracy change."""
+def cmd_export(run_dir: str, *, format: Literal["onnx", "torchscript", "exported-program"] = "onnx",
+               out: Optional[str] = None, dynamic_batch: bool = True, int8: bool = False,
+               weights: Literal["auto", "ema", "raw"] = "auto") -> int:
+    """Export a run to ONNX, TorchScript or a torch.export program, checked against PyTorch
+    (exit status 1 when parity fails); preprocess.json next to the model holds the preprocessing and class names.
+
+    Args:
+        run_dir: a run directory
+        format: the export format
+        out: folder to write (default: RUN_DIR/export-FORMAT)
+        dynamic_batch: a free batch dimension (--no-dynamic-batch for batch 1)
+        int8: also write model.int8.onnx (dynamic int8 linear layers) and report its accuracy change
+        weights: auto: EMA weights when kept
+    """
     from .export import PARITY_TOL, export_run
 
     try:
-        r = export_run(ns.run_dir, ns.format, ns.out, dynamic_batch=ns.dynamic_batch, int8=ns.int8, weights=ns.weights)
+        r = export_run(run_dir, format, out, dynamic_batch=dynamic_batch, int8=int8, weights=weights)
     except ImportError as e:  # onnx / onnxruntime missing
         raise RuntimeError(f"vitkit export needs the export extra: pip install 'vitkit[export]' ({e})") from e
     batch = "dynamic batch" if r.dynamic_batch else "batch 1"
@@ -329,24 +334,56 @@ def cmd_export(ns: Namespace) -> int:
     return 0 if r.parity_ok else 1
 
 
-def cmd_serve(ns: Namespace) -> int:
+def cmd_serve(path: str, *, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10.0, max_batch: int = 32,
+              max_wait_ms: float = 2.0, max_queue: int = 64, timeout_s: float = 30.0,
+              max_image_pixels: int = 40_000_000) -> int:
+    """Serve a run directory or ONNX export over HTTP: POST /predict, GET /health, GET /metrics, and a
+    web page at / to try it. A full queue answers 503 with Retry-After.
+
+    Args:
+        path: a run directory, an ONNX export folder or one of its .onnx files
+        host: 0.0.0.0 to accept other machines
+        port: the TCP port
+        max_upload_mb: larger request bodies get 413
+        max_batch: most concurrent requests in one forward pass
+        max_wait_ms: how long a batch waits for more requests
+        max_queue: most requests waiting at once (upload read, decoded or queued for a batch); more get 503 with Retry-After
+        timeout_s: a request not answered within this gets 504 and its work is dropped
+        max_image_pixels: larger images (or resized copies) get 413; decoding one costs ~14 bytes per pixel
+    """
     try:
         from .serve import serve
 
-        serve(ns.path, ns.host, ns.port, max_upload_bytes=int(ns.max_upload_mb * 2**20), max_batch=ns.max_batch,
-              max_wait_ms=ns.max_wait_ms, max_queue=ns.max_queue, timeout_s=ns.timeout_s,
-              max_image_pixels=ns.max_image_pixels)
+        serve(path, host, port, max_upload_bytes=int(max_upload_mb * 2**20), max_batch=max_batch, max_wait_ms=max_wait_ms,
+              max_queue=max_queue, timeout_s=timeout_s, max_image_pixels=max_image_pixels)
     except ImportError as e:  # fastapi / uvicorn / python-multipart (or onnxruntime for an export) missing
         raise RuntimeError(f"vitkit serve needs the serve extra: pip install 'vitkit[serve]' ({e})") from e
     return 0
 
 
-def cmd_benchmark(ns: Namespace) -> int:
+def cmd_benchmark(*, model: str, mode: Optional[list[Literal["train", "infer"]]] = None,
+                  precision: Optional[list[Literal["auto", "fp32", "bf16", "fp16"]]] = None, batch_size: int = 64,
+                  img_size: Optional[int] = None, steps: int = 10, warmup: int = 3, device: str = "cpu",
+                  matmul_size: Optional[int] = None, json: Optional[str] = None) -> int:
+    """Training and inference speed of a model on this machine: images/s, latency, peak memory,
+    GFLOPs and TFLOP/s against the measured matmul peak.
+
+    Args:
+        model: a name from `vitkit models`
+        mode: train and/or infer, repeatable (default: both)
+        precision: one or more of auto, fp32, bf16, fp16, repeatable (default: fp32 and auto)
+        batch_size: images per batch
+        img_size: input side in pixels (default: the model's)
+        steps: timed batches per row (the median is reported)
+        warmup: untimed batches per row before timing
+        device: cpu, cuda, cuda:1, auto
+        matmul_size: side of the square matmuls that measure the peak (default 2048 on CPU, 8192 on CUDA)
+        json: also write the report to this JSON file
+    """
     from .benchmark import DEFAULT_MODES, DEFAULT_PRECISIONS, benchmark
 
-    benchmark(ns.model, modes=ns.mode or DEFAULT_MODES, precisions=ns.precision or DEFAULT_PRECISIONS,
-              batch_size=ns.batch_size, img_size=ns.img_size, steps=ns.steps, warmup=ns.warmup, device=ns.device,
-              matmul_size=ns.matmul_size, json_path=ns.json)
+    benchmark(model, modes=mode or DEFAULT_MODES, precisions=precision or DEFAULT_PRECISIONS, batch_size=batch_size,
+              img_size=img_size, steps=steps, warmup=warmup, device=device, matmul_size=matmul_size, json_path=json)
     return 0
 
 
@@ -368,8 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     commands = {"train": cmd_train, "pretrain": cmd_pretrain, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models,
                 "convert": cmd_convert, "explain": cmd_explain, "export": cmd_export, "serve": cmd_serve, "benchmark": cmd_benchmark}
+    args = ns[ns.command]
     try:
-        return commands[ns.command](ns[ns.command])
+        return commands[ns.command](args) if ns.command in ("train", "pretrain") else commands[ns.command](**args.as_dict())
     except USER_ERRORS as e:
         if debug:
             raise

@@ -17,13 +17,11 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from ..preprocess import GRAY_MODES, IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, check_image
+from .idx import IDX_SETS, find_idx, idx_files, load_idx
 
 BUILTIN = ("mnist5k", "digits")
-# torchvision data sets that fit in memory, by the names people use.
+# torchvision data sets that fit in memory, by the names people use (the MNIST family: `idx.py`).
 TORCHVISION = {
-    "mnist": "MNIST",
-    "fashion-mnist": "FashionMNIST",
-    "kmnist": "KMNIST",
     "cifar10": "CIFAR10",
     "cifar100": "CIFAR100",
 }
@@ -89,15 +87,27 @@ def load_data(source: str, *, seed: int = 0, val_fraction: float = 0.2, strict: 
         test_size = 1000 if source == "mnist5k" else 0.2
         tr, va = train_test_split(np.arange(len(labels)), test_size=test_size, stratify=labels, random_state=0)
         return _tensor_bundle(source, images, labels, classes, tr, va, hflip=False)
+    if source.lower() in IDX_SETS:
+        return _idx(find_idx(source.lower(), cache_dir()), source.lower())
     if source.lower() in TORCHVISION:
         return _torchvision(source.lower())
     path = Path(source).expanduser()
+    if path.is_dir() and idx_files(path, IDX_SETS.get(path.name, ("", "", "", ""))[2]):
+        return _idx(idx_files(path, IDX_SETS.get(path.name, ("", "", "", ""))[2]), path.name)
     if path.is_dir():
         return _folder(path, seed=seed, val_fraction=val_fraction, strict=strict)
     raise ValueError(
-        f"unknown data set {source!r}: not a built-in ({', '.join(BUILTIN)}), not a torchvision name "
-        f"({', '.join(TORCHVISION)}), and no folder exists at {path}"
+        f"unknown data set {source!r}: not a built-in ({', '.join(BUILTIN)}), not an MNIST-format name "
+        f"({', '.join(IDX_SETS)}) or a torchvision one ({', '.join(TORCHVISION)}), and no folder exists at {path}"
     )
+
+
+def _idx(files: dict[str, Path], name: str) -> DataBundle:
+    """An MNIST-format data set: its official training split, and its test split for validation."""
+    xtr, ytr, xte, yte, classes, hflip = load_idx(files, name)
+    idx = np.arange(len(ytr) + len(yte))
+    return _tensor_bundle(name, np.concatenate([xtr, xte]), np.concatenate([ytr, yte]), classes, idx[: len(ytr)],
+                          idx[len(ytr) :], hflip=hflip)
 
 
 def _tensor_bundle(name, images, labels, classes, train_idx, val_idx, hflip: bool) -> DataBundle:
