@@ -145,3 +145,23 @@ def test_a_folder_of_small_images_trains_at_their_size(tmp_path, capsys, model, 
     assert vrun.RunRecord.read(run).img_size == (expected, expected)
     said = f"image size {expected} px: the training images are at most {side} px" in capsys.readouterr().out
     assert said == (expected != 28)
+
+
+def test_a_time_budget_plans_the_epochs_and_resume_keeps_the_plan(tmp_path, capsys):
+    run = train(TrainConfig(**{**FAST, "epochs": 1, "warmup_epochs": None}, time_budget="20s", out=str(tmp_path / "budget")))
+    out = capsys.readouterr().out
+    settings = vrun.RunRecord.read(run).settings
+    planned = settings["epochs"]
+    assert "time budget 20s: " in out and f"-> {planned} epochs" in out and settings["time_budget"] == "20s"
+    assert planned >= 1 and settings["warmup_epochs"] == min(2.0, planned / 2)
+    rows = vrun.read_metrics(run)
+    assert [r["epoch"] for r in rows] == list(range(planned))
+    # Resuming a finished plan trains nothing more: the plan is the record's, not measured again.
+    train(TrainConfig(resume=str(run)))
+    assert "time budget" not in capsys.readouterr().out and len(vrun.read_metrics(run)) == planned
+
+
+@pytest.mark.parametrize("value", ["0s", "ten minutes", "-5m"])
+def test_a_bad_time_budget_is_one_line(value):
+    with pytest.raises(ValueError, match="time_budget=.* must be a positive duration such as 90s, 10m or 1.5h"):
+        TrainConfig(time_budget=value)

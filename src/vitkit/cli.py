@@ -9,6 +9,7 @@ import json as _json
 import os
 import sys
 import typing
+import warnings
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Callable, Literal, Optional
@@ -395,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line and return 2 (`--debug` raises them instead)."""
     argv = _normalize_flags(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if not debug:  # a warning is one line for a person at a terminal, not a source location and a code line
+        warnings.formatwarning = lambda message, category, *_, **__: f"vitkit: {category.__name__}: {message}\n"
     try:
         ns = build_parser().parse_args(argv)
     except ArgumentError as e:

@@ -140,6 +140,10 @@ class FitConfig:
     """Input side in pixels; default: the model's."""
     epochs: int = 40
     batch_size: int = 32
+    time_budget: str | None = None
+    """Train within this wall-clock time instead of for --epochs (e.g. 90s, 10m, 1.5h): the first
+    steps are timed on this machine and the epochs that fit, with the final evaluation, are
+    planned, printed and recorded (so --resume follows the same plan)."""
     lr: float | None = None
     """Peak learning rate (AdamW) after warmup; default 2e-3 from scratch (tuned for the small
     models at batch 32; lower it for large ones), 5e-4 when fine-tuning."""
@@ -203,7 +207,11 @@ class FitConfig:
             self.lr = 5e-4 if self.pretrained else 2e-3
         if self.layer_decay is None:
             self.layer_decay = 0.75 if self.pretrained else 1.0
-        if self.warmup_epochs is None:
+        if self.time_budget is not None:
+            from .budget import parse_duration
+
+            parse_duration(self.time_budget)  # a bad value fails now; the epochs are planned when the run starts
+        elif self.warmup_epochs is None:
             self.warmup_epochs = self.default_warmup()
         elif self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs={self.warmup_epochs:g} is longer than the run (epochs={self.epochs}): "
@@ -217,7 +225,7 @@ class FitConfig:
             "accum_steps": (self.accum_steps >= 1, ">= 1"),
             "ema": (self.ema is None or 0 < self.ema < 1, "in (0, 1) or null"),
             "weight_decay": (self.weight_decay >= 0, ">= 0"),
-            "warmup_epochs": (self.warmup_epochs >= 0, ">= 0"),
+            "warmup_epochs": (self.warmup_epochs is None or self.warmup_epochs >= 0, ">= 0"),
             "val_fraction": (0 < self.val_fraction < 1, "in (0, 1)"),
             "num_workers": (self.num_workers >= 0, ">= 0"),
             "img_size": (self.img_size is None or self.img_size > 0, "> 0 or null"),

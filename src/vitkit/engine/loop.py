@@ -30,7 +30,9 @@ from ..models import create_model, get_model_entry, model_config
 from ..run import (CHECKPOINT, CONFIG, CURVES, EMA_WEIGHTS, EVAL, SKIPPED, WEIGHTS, RunRecord, append_metrics, atomic_write,
                    load_resume_state, save_checkpoint, save_weights, write_eval)
 from .config import DEFAULT_MODEL, FitConfig, PretrainConfig, TrainConfig, config_from_dict
+from . import budget
 from .ema import create_ema
+from .evaluate import tta_view_count
 from .objectives import Context, Objective, objective_class
 from .optim import create_optimizer, set_lr, warmup_cosine
 from .runtime import Runtime
@@ -230,7 +232,8 @@ def plot_curves(run_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 def setup(cfg: FitConfig) -> Session:
     """Resolve the config, read the data, build the model and its objective, write the run record
-    (a new run) or restore the checkpoint (`--resume`)."""
+    (a new run) or restore the checkpoint (`--resume`); with a time budget, plan the run's length."""
+    started = time.perf_counter()
     cfg, resume_state = _resumed(cfg)
     kind = objective_class(cfg.objective_name)
     cfg = _resolve_model(cfg, kind)
@@ -256,6 +259,8 @@ def setup(cfg: FitConfig) -> Session:
     run_dir = _run_dir(cfg, resume_state is not None)
     ctx = Context(cfg, data, runtime, img_size, mean, std, tta, run_dir, resume_state is not None, loader_args)
     objective = kind.build(model, ctx).to(runtime.device)
+    if cfg.time_budget and resume_state is None:  # a resumed run keeps the plan its record holds
+        ctx.cfg = cfg = budget.plan(cfg, objective, train_loader, val_loader, runtime, started, tta_view_count(*tta))
     if resume_state is None and runtime.is_main:
         _record(ctx, kind, model_args, hflip).write(run_dir)
     if data.skipped and runtime.is_main:
@@ -409,7 +414,7 @@ def _announce(s: Session, data, img_size: tuple[int, int]) -> None:
     procs = f" x {rt.world_size} processes" if rt.world_size > 1 else ""
     labels = f"{data.num_classes} classes" if s.objective.labels else "no labels"
     params = sum(p.numel() for p in s.objective.model.parameters()) / 1e6
-    print(f"{s.objective.name} {cfg.model} ({params:.2f}M params) on {cfg.data}: {len(data.train)} train / "
+    print(f"{s.objective.title} {cfg.model} ({params:.2f}M params) on {cfg.data}: {len(data.train)} train / "
           f"{len(data.val)} val images, {labels}, {img_size[0]}x{img_size[1]} px, {rt.device}{procs} {rt.precision} "
           f"-> {s.run_dir}")
 

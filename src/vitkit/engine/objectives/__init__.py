@@ -47,6 +47,8 @@ class Objective(nn.Module):
     """
 
     name: ClassVar[str]
+    title: ClassVar[str] = "training"
+    """How the run's first line names what it does."""
     requires: ClassVar[tuple[str, str] | None] = None
     """A contract method the backbone must implement, and what to tell a user whose model lacks it."""
     labels: ClassVar[bool] = True

@@ -58,6 +58,7 @@ class BeitMIM(MaskedImageModeling):
         self._masking: dict[tuple[int, int], BlockwiseMaskGenerator] = {}
 
     name = "beit"
+    title = "pre-training (BEiT)"
     requires = ("forward_masked", "a model with a [MASK] embedding (beit_*)")
     picture = "beit_masks.png"
     build_args = {"use_mask_token": True}

@@ -155,6 +155,7 @@ class Distill(Classify):
     """
 
     name = "distill"
+    title = "training (distilled from a teacher)"
 
     @classmethod
     def build(cls, model: nn.Module, ctx: Context) -> Distill:

@@ -47,6 +47,7 @@ class MaskedAutoencoder(MaskedImageModeling):
     """
 
     name = "mae"
+    title = "pre-training (MAE)"
     requires = ("forward_visible", "a ViT-family backbone that encodes only the visible patches (vit_*, deit_*, hybrids)")
     picture = "mae_reconstructions.png"
 
