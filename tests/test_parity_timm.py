@@ -29,3 +29,32 @@ def test_global_pool_variant_matches_timm():
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert (ours(x) - ref(x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["deit3_small_patch16_224", "deit3_medium_patch16_224"])
+def test_deit3_matches_timm_at_its_size_and_another(name):
+    """DeiT III: LayerScale, and no position embedding on the class token (timm's no_embed_class).
+    The layer scales start at 1e-6, which would hide the blocks: they are drawn around 1 instead."""
+    torch.manual_seed(0)
+    ref = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    sd = {k: (1 + 0.1 * torch.randn_like(v)) if k.endswith("gamma") else v for k, v in ref.state_dict().items()}
+    ref.load_state_dict(sd)
+    assert sd["pos_embed"].shape[1] == 196  # patches only
+    for size in (224, 160):
+        ours = vitkit.create_model(name, num_classes=10, img_size=size).eval()
+        ours.load_state_dict(sd)  # strict; at 160 px the hook resamples the 14x14 table to 10x10
+        theirs = ref if size == 224 else timm.create_model(name, pretrained=False, num_classes=10, img_size=size,
+                                                           dynamic_img_size=True).eval()
+        if size != 224:
+            theirs.load_state_dict({**sd, "pos_embed": ours.pos_embed.detach()})
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            assert (ours(x) - theirs(x)).abs().max().item() <= 1e-4, size
+    # Any other input size on the fly (the table resampled in forward), and the same from timm's own resampling.
+    dyn = timm.create_model(name, pretrained=False, num_classes=10, dynamic_img_size=True).eval()
+    dyn.load_state_dict(sd)
+    ours = vitkit.create_model(name, num_classes=10).eval()
+    ours.load_state_dict(sd)
+    x = torch.randn(1, 3, 192, 240)
+    with torch.no_grad():
+        assert (ours(x) - dyn(x)).abs().max().item() <= 1e-4

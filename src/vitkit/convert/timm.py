@@ -72,9 +72,11 @@ def _grid(state: dict[str, torch.Tensor]) -> int | None:
     """The side of the square patch grid a ViT or BEiT state dict was trained on, if it tells."""
     if "pos_embed" in state:
         prefix = sum(k in state for k in ("cls_token", "dist_token"))
-        n = state["pos_embed"].shape[1] - prefix
-        side = math.isqrt(n)
-        return side if side * side == n else None
+        for n in (state["pos_embed"].shape[1] - prefix, state["pos_embed"].shape[1]):  # DeiT III: no prefix rows
+            side = math.isqrt(n)
+            if side * side == n:
+                return side
+        return None
     for key in ("rel_pos_bias.relative_position_bias_table", "blocks.0.attn.relative_position_bias_table"):
         if key in state:  # BEiT: (2g - 1)^2 offsets plus the class-token entries
             side = math.isqrt(state[key].shape[0] - NUM_CLS_ENTRIES)

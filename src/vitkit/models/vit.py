@@ -43,6 +43,7 @@ class ViTConfig:
     # "hybrid": stage depths of the ResNet-V2 backbone; `patch_size` then counts feature-map pixels.
     backbone_layers: tuple[int, ...] = ()
     distilled: bool = False  # DeiT: add a distillation token and head
+    no_embed_class: bool = False  # DeiT III: position embeddings for the patches only, not the prefix tokens
     init_values: float | None = None  # layer scale
     drop_rate: float = 0.0  # before the head
     pos_drop_rate: float = 0.0
@@ -96,6 +97,7 @@ class VisionTransformer(VisionModel):
         self.num_features = D
         self.global_pool = cfg.global_pool
         self.num_prefix_tokens = int(cfg.class_token) + int(cfg.distilled)
+        self.num_pos_prefix = 0 if cfg.no_embed_class else self.num_prefix_tokens  # prefix rows of the position table
         self.grid = (to_2tuple(cfg.img_size)[0] // cfg.reduction, to_2tuple(cfg.img_size)[1] // cfg.reduction)
 
         if cfg.embed_layer == "hybrid":
@@ -106,7 +108,7 @@ class VisionTransformer(VisionModel):
             self.patch_embed = embed(cfg.patch_size, cfg.in_chans, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.distilled else None
-        n_pos = self.grid[0] * self.grid[1] + self.num_prefix_tokens
+        n_pos = self.grid[0] * self.grid[1] + self.num_pos_prefix
         if cfg.pos_embed == "learn":
             self.pos_embed = nn.Parameter(torch.randn(1, n_pos, D) * 0.02)
         elif cfg.pos_embed == "sincos":  # fixed, so a buffer; not saved, recomputed for any grid
@@ -144,7 +146,7 @@ class VisionTransformer(VisionModel):
     # -- construction helpers -------------------------------------------------------------------
     def _sincos(self, grid: tuple[int, int]) -> torch.Tensor:
         pe = sincos_2d_pos_embed(grid, self.cfg.embed_dim)
-        return torch.cat([pe.new_zeros(1, self.num_prefix_tokens, pe.shape[-1]), pe], dim=1)
+        return torch.cat([pe.new_zeros(1, self.num_pos_prefix, pe.shape[-1]), pe], dim=1)
 
     def _init_weights(self) -> None:
         # timm's "vit" init: truncated normal (std .02) linears, zero biases, tiny token init.
@@ -164,7 +166,7 @@ class VisionTransformer(VisionModel):
         if isinstance(self.pos_embed, nn.Parameter) and key in state_dict:
             pe = state_dict[key]
             if pe.shape != self.pos_embed.shape and pe.shape[-1] == self.pos_embed.shape[-1]:
-                state_dict[key] = resample_abs_pos_embed(pe, self.grid, num_prefix_tokens=self.num_prefix_tokens)
+                state_dict[key] = resample_abs_pos_embed(pe, self.grid, num_prefix_tokens=self.num_pos_prefix)
 
     # -- the model contract ---------------------------------------------------------------------
     @property
@@ -191,8 +193,10 @@ class VisionTransformer(VisionModel):
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x, grid = self.patch_embed(x)  # (B, N, D)
         prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        if self.cfg.no_embed_class and self.pos_embed is not None:  # DeiT III: positions before the prefix joins
+            x = x + self._pos_embed_for(grid)
         x = torch.cat(prefix + [x], dim=1)
-        if self.pos_embed is not None:
+        if not self.cfg.no_embed_class and self.pos_embed is not None:
             x = x + self._pos_embed_for(grid)
         return self.pos_drop(x)
 
@@ -202,7 +206,7 @@ class VisionTransformer(VisionModel):
         if self.cfg.pos_embed == "sincos":
             return self._sincos(grid).to(self.pos_embed)
         # Any input size that is a multiple of the patch: resample the learned table on the fly.
-        return resample_abs_pos_embed(self.pos_embed, grid, self.grid, self.num_prefix_tokens)
+        return resample_abs_pos_embed(self.pos_embed, grid, self.grid, self.num_pos_prefix)
 
     def forward_features(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """All tokens `(B, prefix + N, D)`. With `ids_keep` `(B, K)` (patch indices), the blocks see
@@ -293,6 +297,15 @@ VARIANTS: dict[str, tuple[ViTConfig, dict[str, Any]]] = {
     "deit_small_distilled_patch16_224": (replace(_S, distilled=True), {}),
     "deit_base_distilled_patch16_224": (replace(_B, distilled=True), {}),
 }
+# DeiT III (Touvron et al. 2022, "DeiT III: Revenge of the ViT"): LayerScale (1e-6) and no position
+# embedding on the class token, timm's `deit3_*` layout.
+_DEIT3 = dict(init_values=1e-6, no_embed_class=True)
+VARIANTS.update({
+    "deit3_small_patch16_224": (replace(_S, **_DEIT3), {}),
+    "deit3_medium_patch16_224": (replace(_B, embed_dim=512, num_heads=8, **_DEIT3), {}),
+    "deit3_base_patch16_224": (replace(_B, **_DEIT3), {}),
+    "deit3_large_patch16_224": (replace(_L, **_DEIT3), {}),
+})
 # Small images (Beyer et al. 2022 and the CCT recipe): global average pooling, fixed sin-cos
 # position embeddings, small patches; "conv" variants replace the patch projection by a small
 # convolutional stem, which is what makes a ViT learn from a few thousand images in minutes.

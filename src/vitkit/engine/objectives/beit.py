@@ -30,6 +30,12 @@ class BeitMIM(MaskedImageModeling):
     pixels back in [0, 1].
     """
 
+    name = "beit"
+    title = "pre-training (BEiT)"
+    requires = ("forward_masked", "a model with a [MASK] embedding (beit_*)")
+    picture = "beit_masks.png"
+    build_args = {"use_mask_token": True}
+
     def __init__(
         self,
         encoder: nn.Module,
@@ -56,12 +62,6 @@ class BeitMIM(MaskedImageModeling):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self._masking: dict[tuple[int, int], BlockwiseMaskGenerator] = {}
-
-    name = "beit"
-    title = "pre-training (BEiT)"
-    requires = ("forward_masked", "a model with a [MASK] embedding (beit_*)")
-    picture = "beit_masks.png"
-    build_args = {"use_mask_token": True}
 
     @classmethod
     def build(cls, model: nn.Module, ctx: Context) -> BeitMIM:
