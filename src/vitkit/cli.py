@@ -394,9 +394,10 @@ USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, FloatingPointError)
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line and return 2 (`--debug` raises them instead)."""
+    at_terminal = argv is None  # the console script; tests and other callers keep their own warning format
     argv = _normalize_flags(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    if not debug:  # a warning is one line for a person at a terminal, not a source location and a code line
+    if at_terminal and not debug:  # a warning is one line for a person, not a source location and a code line
         warnings.formatwarning = lambda message, category, *_, **__: f"vitkit: {category.__name__}: {message}\n"
     try:
         ns = build_parser().parse_args(argv)
