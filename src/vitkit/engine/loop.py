@@ -260,7 +260,8 @@ def setup(cfg: FitConfig) -> Session:
     ctx = Context(cfg, data, runtime, img_size, mean, std, tta, run_dir, resume_state is not None, loader_args)
     objective = kind.build(model, ctx).to(runtime.device)
     if cfg.time_budget and resume_state is None:  # a resumed run keeps the plan its record holds
-        ctx.cfg = cfg = budget.plan(cfg, objective, train_loader, val_loader, runtime, started, tta_view_count(*tta))
+        ctx.cfg = cfg = budget.plan(cfg, objective, train_loader, val_loader, runtime, started,
+                                      (1 + tta[0], tta_view_count(*tta)))
     if resume_state is None and runtime.is_main:
         _record(ctx, kind, model_args, hflip).write(run_dir)
     if data.skipped and runtime.is_main:
