@@ -384,3 +384,17 @@ def test_pretraining_compiles(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and np.isfinite(rows[0]["train_loss"]) and np.isfinite(rows[0]["val_loss_ema"])
     assert RunRecord.read(out).settings["compile"] is True
+
+
+def test_beit_pre_training_continues_from_a_run_without_a_mask_token(runs, tmp_path):
+    """A BEiT run's weights (and a classifier's) hold no [MASK] embedding: it starts fresh, the rest loads."""
+    out = tmp_path / "more"
+    assert main(["pretrain", "--method", "beit", "--pretrained", str(runs["beit"]), *FAST[:4], "--epochs", "1",
+                 "--vocab-size", "16", "--tokenizer-images", "256", "--out", str(out)]) == 0
+    before, after = load_file(runs["beit"] / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys() and "mask_token" not in after
+    rec = RunRecord.read(out)
+    assert rec.model == RunRecord.read(runs["beit"]).model
+    fresh = create_model(rec.model, **rec.model_args).state_dict()
+    key = "blocks.0.attn.qkv.weight"  # one epoch moved the loaded weights a little, not to a fresh start
+    assert (after[key] - before[key]).norm() < 0.5 * (fresh[key] - before[key]).norm()

@@ -326,8 +326,12 @@ def _build_model(cfg: FitConfig, kind: type[Objective], data) -> tuple[nn.Module
     num_classes = data.num_classes if kind.classifier else 0
     model_args = {**cfg.model_args, "num_classes": num_classes, "in_chans": data.in_chans, "img_size": img_size}
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    pretrained = {"pretrained": cfg.pretrained} if cfg.pretrained else {}
-    model = create_model(cfg.model, **pretrained, **model_args, **kind.build_args)
+    if not cfg.pretrained:
+        return create_model(cfg.model, **model_args, **kind.build_args), img_size, model_args
+    model = create_model(cfg.model, pretrained=cfg.pretrained, **model_args)
+    if kind.build_args:  # what the objective adds to the backbone (BEiT's [MASK] embedding) starts fresh
+        loaded, model = model, create_model(cfg.model, **model_args, **kind.build_args)
+        model.load_state_dict(loaded.state_dict(), strict=False)  # `loaded` is the same model less those parameters
     return model, img_size, model_args
 
 
