@@ -16,3 +16,18 @@ def digits16_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits16") / "run"
     vitkit.train(vitkit.TrainConfig(data="digits", img_size=16, epochs=6, batch_size=64, num_workers=0, out=str(out)))
     return out
+
+
+def perturb(model: torch.nn.Module, scale: float = 0.02) -> torch.nn.Module:
+    """Seeded random weights everywhere (zero biases and unit norms would hide a wrong load), in eval mode.
+    Shared by the weight-loading tests: `from conftest import perturb`."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+        for name, b in model.named_buffers():
+            if name.endswith("running_var"):
+                b.add_(torch.rand_like(b))
+            elif name.endswith("running_mean"):
+                b.add_(torch.randn_like(b) * 0.1)
+    return model.eval()

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from conftest import perturb
 from safetensors.torch import load_file, save_file
 
 import vitkit
@@ -28,19 +29,6 @@ from timm.models import vision_transformer as timm_vit  # noqa: E402
 
 TOL = 1e-4
 SMALL_VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5)
-
-
-def perturb(model: torch.nn.Module, scale: float = 0.02) -> torch.nn.Module:
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * scale)
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.add_(torch.rand_like(b))
-            elif name.endswith("running_mean"):
-                b.add_(torch.randn_like(b) * 0.1)
-    return model.eval()
 
 
 def max_diff(ours: torch.nn.Module, ref_logits: torch.Tensor, x: torch.Tensor, label: str) -> float:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from conftest import perturb
 from safetensors.torch import save_file
 
 import vitkit
@@ -34,19 +35,6 @@ FAMILIES = {
 }
 
 
-def perturbed(model: torch.nn.Module) -> torch.nn.Module:
-    """Random weights everywhere (zero biases and unit norms would hide a wrong load), in eval mode."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.add_(torch.rand_like(b))
-            elif name.endswith("running_mean"):
-                b.add_(torch.randn_like(b) * 0.1)
-    return model.eval()
-
-
 def test_every_family_is_covered():
     assert {get_model_entry(n).family for n in list_models()} == set(FAMILIES)
 
@@ -55,7 +43,7 @@ def test_every_family_is_covered():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_first_conv_is_adapted_to_other_channels(family, src, dst, tmp_path):
     name, kw, side = FAMILIES[family]
-    source = perturbed(vitkit.create_model(name, in_chans=src, **kw))
+    source = perturb(vitkit.create_model(name, in_chans=src, **kw))
     if family == "hybrid" and src == 3:
         # The ResNet stem standardises its weight per filter (mean 0, variance 1 over channels and
         # kernel), so a channel sum is exact only up to one scale per filter, which the GroupNorm
