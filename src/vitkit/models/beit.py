@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import Intermediates, VisionModel, block_intermediates, check_output_fmt, resolve_indices
-from .layers.helpers import classifier_head, to_2tuple
-from .layers import Attention, DropPath, Mlp, PatchEmbed, linear, resample_abs_pos_embed
+from .contract import BlockOutputs, VisionModel
+from .layers.helpers import check_ranges, classifier_head, init_linears, to_2tuple
+from .layers import Attention, Block, PatchEmbed, linear, resample_abs_pos_embed
+from .layers.block import encoder_blocks
+from .layers.pos_embed import window_offset_index
 from .registry import INCEPTION_MEAN, INCEPTION_STD, ModelEntry, register_model
 
 # Pairs involving the class token have no spatial offset; BEiT gives them three extra table rows:
@@ -61,9 +63,9 @@ class BeitConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        for name in ("in_chans", "num_classes", "embed_dim", "depth", "num_heads", "patch_size"):
-            if getattr(self, name) < (0 if name == "num_classes" else 1):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        positive = ("in_chans", "embed_dim", "depth", "num_heads", "patch_size")
+        rates = ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
+        check_ranges(self, positive=positive, nonnegative=("num_classes",), rates=rates)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         size = to_2tuple(self.img_size)
@@ -71,9 +73,6 @@ class BeitConfig:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.init_values is not None and self.init_values <= 0:
             raise ValueError(f"init_values must be positive or None (no layer scale), got {self.init_values}")
-        for name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 # -- relative position bias ---------------------------------------------------------------------------
@@ -84,12 +83,8 @@ def num_relative_positions(window: tuple[int, int]) -> int:
 
 def relative_position_index(window: tuple[int, int]) -> torch.Tensor:
     """Row of the bias table for every (query, key) pair, `(1 + N, 1 + N)` with the class token first."""
-    H, W = window
-    coords = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")).flatten(1)  # (2, N)
-    rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N): query position minus key position
-    index = (rel[0] + H - 1) * (2 * W - 1) + (rel[1] + W - 1)  # (N, N), offsets in row-major order
-    num_offsets = (2 * H - 1) * (2 * W - 1)
-    index = F.pad(index, (1, 0, 1, 0))  # (1 + N, 1 + N): row and column 0 are the class token
+    num_offsets = (2 * window[0] - 1) * (2 * window[1] - 1)
+    index = F.pad(window_offset_index(window), (1, 0, 1, 0))  # (1 + N, 1 + N): row and column 0 are the class token
     index[0, :] = num_offsets  # class -> patch
     index[:, 0] = num_offsets + 1  # patch -> class
     index[0, 0] = num_offsets + 2  # class -> class
@@ -164,10 +159,8 @@ def _integer_positions(size: int) -> torch.Tensor:
 
 
 def _linear_interp_matrix(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    """`(len(dst), len(src))` weights of piecewise-linear interpolation on the sorted, uneven grid `src`.
-
-    Points outside `src` take the nearest end value.
-    """
+    """`(len(dst), len(src))` weights of piecewise-linear interpolation on the sorted, uneven grid `src`;
+    points outside `src` take the nearest end value."""
     right = torch.bucketize(dst, src).clamp(max=len(src) - 1)
     left = (right - 1).clamp(min=0)
     d_left = (dst - src[left]).clamp(min=0)
@@ -191,9 +184,8 @@ class RelativePositionBias(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
 
     def forward(self, grid: tuple[int, int]) -> torch.Tensor:
-        return relative_position_bias(
-            self.relative_position_bias_table, self.relative_position_index, self.window_size, grid
-        )
+        table, index = self.relative_position_bias_table, self.relative_position_index
+        return relative_position_bias(table, index, self.window_size, grid)
 
 
 # -- encoder --------------------------------------------------------------------------------------------
@@ -205,26 +197,17 @@ class BeitAttention(Attention):
     """
 
     def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        *,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        window_size: tuple[int, int] | None = None,
+        self, dim: int, num_heads: int, *, qkv_bias: bool = True, window_size: tuple[int, int] | None = None, **kwargs
     ) -> None:
-        super().__init__(dim, num_heads, qkv_bias=False, attn_drop=attn_drop, proj_drop=proj_drop)
+        super().__init__(dim, num_heads, qkv_bias=False, **kwargs)
         self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
         self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
         self.window_size = window_size
+        self.relative_position_bias_table = None
         if window_size is not None:
-            self.relative_position_bias_table = nn.Parameter(
-                torch.zeros(num_relative_positions(window_size), num_heads)
-            )
+            rows = num_relative_positions(window_size)
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
             self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
-        else:
-            self.relative_position_bias_table = None
 
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
         if self.q_bias is None:
@@ -242,40 +225,19 @@ class BeitAttention(Attention):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`attn_bias`: the shared position bias, if any; this block's own bias is added for `grid`."""
         if self.relative_position_bias_table is not None:
-            own = relative_position_bias(
-                self.relative_position_bias_table, self.relative_position_index, self.window_size,
-                grid or self.window_size,
-            )
+            table, index = self.relative_position_bias_table, self.relative_position_index
+            own = relative_position_bias(table, index, self.window_size, grid or self.window_size)
             attn_bias = own if attn_bias is None else own + attn_bias
         return super().forward(x, attn_bias, need_weights)
 
 
-class BeitBlock(nn.Module):
+class BeitBlock(Block):
     """Pre-norm encoder block with layer scale under timm's BEiT names `gamma_1` and `gamma_2`."""
 
     def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        *,
-        mlp_ratio: float,
-        qkv_bias: bool,
-        proj_drop: float,
-        attn_drop: float,
-        drop_path: float,
-        init_values: float | None,
-        window_size: tuple[int, int] | None,
-        norm_layer: Any,
+        self, dim: int, num_heads: int, *, init_values: float | None, window_size: tuple[int, int] | None, **kwargs: Any
     ) -> None:
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = BeitAttention(
-            dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, window_size=window_size
-        )
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        super().__init__(dim, num_heads, attn_layer=partial(BeitAttention, window_size=window_size), **kwargs)
         self.gamma_1 = nn.Parameter(torch.full((dim,), init_values)) if init_values else None
         self.gamma_2 = nn.Parameter(torch.full((dim,), init_values)) if init_values else None
 
@@ -288,20 +250,13 @@ class BeitBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return `(tokens, attention probabilities or None)`; see `Attention.forward`."""
         y, attn = self.attn(self.norm1(x), shared_rel_pos_bias, need_weights, grid=grid)
-        x = x + self.drop_path1(_layer_scale(self.gamma_1, y))
-        x = x + self.drop_path2(_layer_scale(self.gamma_2, self.mlp(self.norm2(x))))
+        x = x + self.drop_path1(y if self.gamma_1 is None else self.gamma_1 * y)
+        y = self.mlp(self.norm2(x))
+        x = x + self.drop_path2(y if self.gamma_2 is None else self.gamma_2 * y)
         return x, attn
 
 
-def _layer_scale(gamma: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    return x if gamma is None else gamma * x
-
-
 class Beit(VisionModel):
-    # The convolution that takes the image (timm's pretrained_cfg `first_conv`): loading weights
-    # trained on another number of input channels adapts its weight (`weights.adapt_input_conv`).
-    first_conv = "patch_embed.proj"
-
     def __init__(self, cfg: BeitConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -319,23 +274,9 @@ class Beit(VisionModel):
         self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
         self.rel_pos_bias = RelativePositionBias(self.grid, cfg.num_heads) if cfg.use_shared_rel_pos_bias else None
 
-        dpr = [cfg.drop_path_rate * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]  # stochastic depth rule
         norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
-        self.blocks = nn.ModuleList(
-            BeitBlock(
-                D,
-                cfg.num_heads,
-                mlp_ratio=cfg.mlp_ratio,
-                qkv_bias=cfg.qkv_bias,
-                proj_drop=cfg.proj_drop_rate,
-                attn_drop=cfg.attn_drop_rate,
-                drop_path=dpr[i],
-                init_values=cfg.init_values,
-                window_size=self.grid if cfg.use_rel_pos_bias else None,
-                norm_layer=norm_layer,
-            )
-            for i in range(cfg.depth)
-        )
+        window = self.grid if cfg.use_rel_pos_bias else None
+        self.blocks = encoder_blocks(cfg, BeitBlock, window_size=window, norm_layer=norm_layer)
         # Mean pooling normalises after pooling (`fc_norm`), so there is no per-token final norm.
         self.norm = nn.Identity() if cfg.use_mean_pooling else norm_layer(D)
         self.fc_norm = norm_layer(D) if cfg.use_mean_pooling else nn.Identity()
@@ -349,11 +290,7 @@ class Beit(VisionModel):
     def _init_weights(self) -> None:
         # timm's BEiT init: truncated normal (std .02) for linears and tokens, zero biases; position
         # bias tables and q/v biases start at zero, layer scale at `init_values`.
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
         for tok in (self.cls_token, self.mask_token, self.pos_embed):
             if tok is not None:
                 nn.init.trunc_normal_(tok, std=0.02)
@@ -366,9 +303,8 @@ class Beit(VisionModel):
         self._init_head()
 
     def _init_head(self) -> None:
+        init_linears(self.head)
         if isinstance(self.head, nn.Linear):
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
             with torch.no_grad():
                 self.head.weight.mul_(HEAD_INIT_SCALE)
 
@@ -384,10 +320,6 @@ class Beit(VisionModel):
                 state_dict[key] = resample_abs_pos_embed(state_dict[key], self.grid, num_prefix_tokens=1)
 
     # -- the model contract ---------------------------------------------------------------------
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
-
     def no_weight_decay(self) -> set[str]:
         # Names of parameters (the last dotted component is enough for the optimiser's groups).
         skip = {"pos_embed", "cls_token", "relative_position_bias_table"}
@@ -405,11 +337,8 @@ class Beit(VisionModel):
         if bool_masked_pos is not None:
             x = self._mask(x, bool_masked_pos)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D)
-        if self.pos_embed is not None:
-            pe = self.pos_embed
-            if grid != self.grid:
-                pe = resample_abs_pos_embed(pe, grid, self.grid, num_prefix_tokens=1)
-            x = x + pe
+        if self.pos_embed is not None:  # resampled on the fly for another input size
+            x = x + resample_abs_pos_embed(self.pos_embed, grid, self.grid, num_prefix_tokens=1)
         return self.pos_drop(x), grid
 
     def _mask(self, x: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
@@ -440,34 +369,12 @@ class Beit(VisionModel):
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        *,
-        norm: bool = False,
-        output_fmt: str = "NCHW",
-        return_attn: bool = False,
-    ) -> Intermediates:
-        """As in `VisionTransformer`; with mean pooling `norm` is the identity (the norm is `fc_norm`)."""
-        check_output_fmt(output_fmt)
-        take = set(resolve_indices(indices, self.num_blocks))
+    def iter_blocks(self, x: torch.Tensor, need_weights: set[int]) -> BlockOutputs:
         x, grid = self._embed(x)
         shared = self.rel_pos_bias(grid) if self.rel_pos_bias is not None else None
-        return block_intermediates(
-            x,
-            lambda i, t, need_weights: self.blocks[i](t, grid, shared, need_weights=need_weights),
-            self.num_blocks,
-            take,
-            final_norm=self.norm,
-            norm=norm,
-            output_fmt=output_fmt,
-            num_prefix_tokens=self.num_prefix_tokens,
-            grid=grid,
-            return_attn=return_attn,
-        )
-
-
+        for i, blk in enumerate(self.blocks):
+            x, attn = blk(x, grid, shared, need_weights=i in need_weights)
+            yield x, grid, attn
 
 
 # -- variants ---------------------------------------------------------------------------------------
@@ -477,11 +384,8 @@ _BEIT_NORM = dict(mean=INCEPTION_MEAN, std=INCEPTION_STD)
 VARIANTS: dict[str, tuple[BeitConfig, dict[str, Any]]] = {
     "beit_base_patch16_224": (BeitConfig(embed_dim=768, depth=12, num_heads=12, init_values=0.1), _BEIT_NORM),
     "beit_large_patch16_224": (BeitConfig(embed_dim=1024, depth=24, num_heads=16, init_values=1e-5), _BEIT_NORM),
-    "beit_pico_patch4_28": (
-        BeitConfig(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=4, num_heads=4,
-                   mlp_ratio=2.0, init_values=0.1),
-        {},
-    ),
+    "beit_pico_patch4_28": (BeitConfig(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=4,
+                                       num_heads=4, mlp_ratio=2.0, init_values=0.1), {}),
 }
 
 for _name, (_cfg, _pre) in VARIANTS.items():

@@ -11,12 +11,14 @@ would shrink a 28-px digit to 7x7 before the first block.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torchvision
 from torch import nn
 
 from .contract import Intermediates, VisionModel
+from .layers.helpers import classifier_head
 from .registry import ModelEntry, register_model
 
 
@@ -38,8 +40,6 @@ class TorchvisionCNN(VisionModel):
     Names are torchvision's: the children are registered on this module directly.
     """
 
-    num_prefix_tokens = 0
-
     def __init__(self, cfg: CnnConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -57,30 +57,28 @@ class TorchvisionCNN(VisionModel):
         for name, child in net.named_children():
             self.add_module(name, child)
         self._head_name = list(self._modules)[-1]
-        # The convolution that takes the image (timm's pretrained_cfg `first_conv`; `conv1`,
-        # `features.0.0`, ...): loading weights of another channel count adapts it.
-        self.first_conv = next(n for n, m in self.named_modules() if isinstance(m, nn.Conv2d))
+        self.first_conv = next(n for n, m in self.named_modules() if isinstance(m, nn.Conv2d))  # conv1, features.0.0
         self.head_prefixes = (self._head_name + ".",)
         self.num_classes = cfg.num_classes
         # The classifier's input width (MobileNetV3's classifier has a hidden layer of its own).
-        self.num_features = next(m for m in self.get_submodule(self._head_name).modules() if isinstance(m, nn.Linear)).in_features
+        head = self.get_submodule(self._head_name)
+        self.num_features = next(m for m in head.modules() if isinstance(m, nn.Linear)).in_features
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        names = list(self._modules)[:-1]
-        for name in names:
+        for name in list(self._modules)[:-1]:
             x = self._modules[name](x)
         return torch.flatten(x, 1)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return x if pre_logits else self._modules[self._head_name](x)
 
-    def forward_intermediates(self, x, indices=None, *, norm=False, output_fmt="NCHW", return_attn=False) -> Intermediates:
+    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Intermediates:
         raise ValueError(f"{self.cfg.arch} is a CNN: it has no transformer blocks or attention to return")
 
     def reset_classifier(self, num_classes: int) -> None:
         head = self._modules[self._head_name]
-        linear = _last_linear(head)
-        new = nn.Linear(linear.in_features, num_classes) if num_classes > 0 else nn.Identity()
+        linear = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]  # __init__ found one
+        new = classifier_head(linear.in_features, num_classes)
         if isinstance(head, nn.Linear):
             self._modules[self._head_name] = new
         else:  # a Sequential ending in the Linear (MobileNet, EfficientNet)
@@ -90,13 +88,6 @@ class TorchvisionCNN(VisionModel):
     @property
     def num_blocks(self) -> int:
         return 0
-
-
-def _last_linear(module: nn.Module) -> nn.Linear:
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(module).__name__} has no linear classifier")
-    return linears[-1]
 
 
 def _replace_first_conv(net: nn.Module, in_chans: int) -> None:

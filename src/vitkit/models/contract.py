@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Callable, NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+# What `VisionModel.iter_blocks` yields: per entry its output, its grid and its attention (or None).
+BlockOutputs = Iterator[tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]]
 
 
 class Intermediates(NamedTuple):
     """What `forward_intermediates` returns.
 
     features: the `forward_features` output, ready for `forward_head`.
-    intermediates: one tensor per requested block; `(B, C, H, W)` for `output_fmt="NCHW"` (patch
-        tokens only, prefix tokens dropped) or `(B, N, C)` with all tokens for `"NLC"`.
-    attentions: attention probabilities `(B, heads, N, N)` of the requested blocks, computed on the
-        explicit (non-fused) path; empty unless `return_attn=True`.
+    intermediates: one tensor per requested block (or stage); `(B, C, H, W)` for `output_fmt="NCHW"`
+        (prefix tokens dropped) or `(B, N, C)` with all tokens for `"NLC"`.
+    attentions: their attention probabilities `(B, heads, N, N)`, from the explicit (non-fused) path;
+        empty unless `return_attn=True`.
     """
 
     features: torch.Tensor
@@ -30,11 +33,10 @@ class AttentionStage(NamedTuple):
     """Where the attention probabilities of one `forward_intermediates` entry sit on the image.
 
     The tokens are `prefix` tokens (class, distillation, register tokens: left out of maps), then a
-    row-major grid. By default every query attends to every token. `window`/`shift`: attention
-    inside (shifted) windows of that size, in the window layout (Swin). `kv_conv`: keys and values
-    are the grid squeezed by a convolution `(kernel, stride, padding)` (CvT). `embed_conv`: this
-    entry starts a new token map made from the previous one by a convolution or patch merging
-    `(kernel, stride, padding)`; entries without it continue the previous map.
+    row-major grid; by default every query attends to every token. `window`/`shift`: attention inside
+    (shifted) windows of that size, in the window layout (Swin). `kv_conv`: keys and values are the
+    grid squeezed by a convolution `(kernel, stride, padding)` (CvT). `embed_conv`: this entry starts a
+    new map, made from the previous one by a convolution or patch merging `(kernel, stride, padding)`.
     """
 
     prefix: int
@@ -56,6 +58,11 @@ class VisionModel(nn.Module):
     num_prefix_tokens: int = 0
     head_prefixes: tuple[str, ...] = ("head.", "head_dist.")
     """State-dict prefixes of the classifier(s): re-initialised when fine-tuning to new classes."""
+    first_conv: str = "patch_embed.proj"
+    """The convolution that takes the image (timm's pretrained_cfg name): loading weights trained on
+    another number of input channels adapts its weight (`weights.adapt_input_conv`)."""
+    staged: bool = False
+    """`forward_intermediates` indexes stages, not blocks (Swin, CvT)."""
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -75,11 +82,33 @@ class VisionModel(nn.Module):
         output_fmt: str = "NCHW",
         return_attn: bool = False,
     ) -> Intermediates:
+        """The outputs of the blocks (stages if `staged`) in `indices` (see `resolve_indices`); `norm`
+        applies the final norm, to the last stage only if `staged` (it is sized for that one)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take = set(resolve_indices(indices, self.num_blocks))
+        feats, attns = [], []
+        for i, (out, grid, attn) in enumerate(self.iter_blocks(x, take if return_attn else set())):
+            if i in take:
+                y = self.norm(out) if norm and (not self.staged or i == self.num_blocks - 1) else out
+                if y.ndim == 4:  # a map (B, H, W, C)
+                    y = y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y.flatten(1, 2)
+                elif output_fmt == "NCHW":  # tokens (B, prefix + H*W, C)
+                    y = tokens_to_nchw(y, y.shape[1] - grid[0] * grid[1], grid)
+                feats.append(y)
+                if return_attn:
+                    attns.append(attn)
+        return Intermediates(self.norm(out), feats, attns)
+
+    def iter_blocks(self, x: torch.Tensor, need_weights: set[int]) -> BlockOutputs:
+        """Run images `x` through the encoder, yielding for each `forward_intermediates` entry its output
+        (tokens `(B, prefix + H*W, C)` or a map `(B, H, W, C)`), its grid `(H, W)` and, for the entries
+        in `need_weights`, its attention probabilities (else None)."""
         raise NotImplementedError
 
     def forward_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Logits of each classifier head, in eval mode; `forward` returns their mean. One head
-        unless the family has more (DeiT: class head, distillation head)."""
+        """Logits of each classifier head (DeiT: class and distillation head), in eval mode; `forward`
+        returns their mean."""
         return (self(x),)
 
     def attention_stages(self, grids: list[tuple[int, int]]) -> list[AttentionStage]:
@@ -106,7 +135,8 @@ class VisionModel(nn.Module):
 
     @property
     def num_blocks(self) -> int:
-        raise NotImplementedError
+        """How many entries `forward_intermediates` indexes: the transformer blocks, or the stages."""
+        return len(self.blocks)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each transformer block's activations during backward instead of storing them
@@ -144,43 +174,9 @@ def _checkpointed_forward(block: nn.Module, *args, **kwargs):
     return forward(block, *args, **kwargs)
 
 
-def check_output_fmt(output_fmt: str) -> None:
-    if output_fmt not in ("NCHW", "NLC"):
-        raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-
-
 def tokens_to_nchw(x: torch.Tensor, num_prefix_tokens: int, grid: tuple[int, int]) -> torch.Tensor:
     """Tokens `(B, prefix + H*W, D)` -> patch feature map `(B, D, H, W)`, prefix tokens dropped."""
     return x[:, num_prefix_tokens:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
-
-
-def block_intermediates(
-    x: torch.Tensor,
-    run_block: Callable[[int, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]],
-    num_blocks: int,
-    take: set[int],
-    *,
-    final_norm: nn.Module,
-    norm: bool,
-    output_fmt: str,
-    num_prefix_tokens: int,
-    grid: tuple[int, int],
-    return_attn: bool,
-) -> Intermediates:
-    """The block loop of a plain (non-hierarchical) encoder, keeping the outputs of blocks in `take`.
-
-    `run_block(i, tokens, need_weights)` runs block `i` and returns `(tokens, attention or None)`;
-    the family decides what else a block needs (relative position bias, grid).
-    """
-    feats, attns = [], []
-    for i in range(num_blocks):
-        x, attn = run_block(i, x, return_attn and i in take)
-        if i in take:
-            y = final_norm(x) if norm else x
-            feats.append(tokens_to_nchw(y, num_prefix_tokens, grid) if output_fmt == "NCHW" else y)
-            if return_attn:
-                attns.append(attn)
-    return Intermediates(final_norm(x), feats, attns)
 
 
 def resolve_indices(indices: int | list[int] | None, num_blocks: int) -> list[int]:

@@ -29,10 +29,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .contract import AttentionStage, Intermediates, VisionModel, check_output_fmt, resolve_indices, tokens_to_nchw
-from .layers import DropPath, Linear, Mlp, attend
+from .contract import AttentionStage, BlockOutputs, VisionModel, tokens_to_nchw
+from .layers import Block, Linear, attend
+from .layers.drop import drop_path_rates
+from .layers.helpers import check_ranges, classifier_head, init_linears
 from .registry import ModelEntry, register_model
-
 
 PER_STAGE_FIELDS = (
     "embed_dim", "depth", "num_heads", "patch_sizes", "patch_stride", "patch_padding", "kernel_qkv", "stride_kv",
@@ -73,27 +74,15 @@ class CvtConfig:
         for name in PER_STAGE_FIELDS:
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} {getattr(self, name)} needs one entry per stage ({n}, from depth)")
-        for name in ("embed_dim", "depth", "num_heads", "patch_sizes", "patch_stride", "kernel_qkv", "stride_kv"):
-            if min(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("patch_padding", "padding_kv"):
-            if min(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.in_chans < 1 or self.num_classes < 0:
-            raise ValueError(f"need in_chans >= 1 and num_classes >= 0, got {self.in_chans}, {self.num_classes}")
+        positive = ("embed_dim", "depth", "num_heads", "patch_sizes", "patch_stride", "kernel_qkv", "stride_kv",
+                    "in_chans", "mlp_ratio", "img_size")
+        rates = ("drop_rate", "attn_drop_rate", "drop_path_rate")
+        check_ranges(self, positive=positive, nonnegative=("patch_padding", "padding_kv", "num_classes"), rates=rates)
         for i, (dim, heads) in enumerate(zip(self.embed_dim, self.num_heads)):
             if dim % heads:
                 raise ValueError(f"stage {i} width {dim} is not divisible by {heads} heads")
         if any(k % 2 == 0 for k in self.kernel_qkv):
             raise ValueError(f"kernel_qkv must be odd so queries keep the map size, got {self.kernel_qkv}")
-        if min(self.mlp_ratio) <= 0:
-            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
-        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
-            if not all(0.0 <= r < 1.0 for r in getattr(self, name)):
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        size = (self.img_size, self.img_size) if isinstance(self.img_size, int) else self.img_size
-        if min(size) < 1:
-            raise ValueError(f"img_size must be positive, got {self.img_size}")
 
     @property
     def patch_size(self) -> int:
@@ -137,23 +126,13 @@ class ConvProjection(nn.Module):
 class ConvAttention(nn.Module):
     """Multi-head attention with convolutional projections and squeezed keys/values.
 
-    The shared `layers.Attention` projects q, k and v from one sequence with one fused linear layer
-    and assumes as many keys as queries; here each has its own convolution and the keys are
-    subsampled, so this module does its own projections and shares only `attend` (fused by default,
-    explicit with `need_weights`).
+    Unlike `layers.Attention` (one fused q/k/v linear layer, as many keys as queries), q, k and v
+    each have their own convolution and the keys are subsampled; only `attend` is shared.
     """
 
     def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        *,
-        kernel_size: int = 3,
-        stride_kv: int = 2,
-        padding_kv: int = 1,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
+        self, dim: int, num_heads: int, *, kernel_size: int = 3, stride_kv: int = 2, padding_kv: int = 1,
+        qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -174,11 +153,8 @@ class ConvAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 0, need_weights: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`x` `(B, P + H * W, C)`: P prefix tokens, then the `grid` map in row-major order.
-
-        Returns the output (same shape) and, with `need_weights`, the probabilities
-        `(B, heads, P + H * W, P + H_kv * W_kv)`.
-        """
+        """`x` `(B, P + H * W, C)`: P prefix tokens, then the `grid` map in row-major order -> the output
+        (same shape) and, with `need_weights`, the probabilities `(B, heads, P + H * W, P + H_kv * W_kv)`."""
         B, N, C = x.shape
         prefix = x[:, :num_prefix_tokens]
         fmap = x[:, num_prefix_tokens:].transpose(1, 2).reshape(B, C, *grid)  # (B, C, H, W)
@@ -195,58 +171,27 @@ class ConvAttention(nn.Module):
         return x.view(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, h, N, Dh)
 
 
-class CvtBlock(nn.Module):
-    """Pre-norm block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`, each branch with drop path."""
-
-    def __init__(self, cfg: CvtConfig, stage: int, drop_path: float) -> None:
-        super().__init__()
-        dim, drop = cfg.embed_dim[stage], cfg.drop_rate[stage]
-        norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
-        self.norm1 = norm_layer(dim)
-        self.attn = ConvAttention(
-            dim,
-            cfg.num_heads[stage],
-            kernel_size=cfg.kernel_qkv[stage],
-            stride_kv=cfg.stride_kv[stage],
-            padding_kv=cfg.padding_kv[stage],
-            qkv_bias=cfg.qkv_bias[stage],
-            attn_drop=cfg.attn_drop_rate[stage],
-            proj_drop=drop,
-        )
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio[stage]), drop=drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
-    def forward(
-        self, x: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int, need_weights: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return `(tokens, attention probabilities or None)`; see `ConvAttention.forward`."""
-        y, attn = self.attn(self.norm1(x), grid, num_prefix_tokens, need_weights)
-        x = x + self.drop_path1(y)
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x, attn
-
-
 class CvtStage(nn.Module):
     """Convolutional token embedding, an optional class token, then the stage's blocks."""
 
     def __init__(self, cfg: CvtConfig, stage: int) -> None:
         super().__init__()
         dim, depth = cfg.embed_dim[stage], cfg.depth[stage]
-        self.patch_embed = ConvEmbed(
-            cfg.in_chans if stage == 0 else cfg.embed_dim[stage - 1],
-            dim,
-            patch_size=cfg.patch_sizes[stage],
-            stride=cfg.patch_stride[stage],
-            padding=cfg.patch_padding[stage],
-            norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps),
-        )
+        norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
+        self.patch_embed = ConvEmbed(cfg.in_chans if stage == 0 else cfg.embed_dim[stage - 1], dim,
+                                     patch_size=cfg.patch_sizes[stage], stride=cfg.patch_stride[stage],
+                                     padding=cfg.patch_padding[stage], norm_layer=norm_layer)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.cls_token[stage] else None
         self.num_prefix_tokens = int(cfg.cls_token[stage])
         self.embed_drop = nn.Dropout(cfg.drop_rate[stage])
-        rates = [cfg.drop_path_rate[stage] * j / max(1, depth - 1) for j in range(depth)]
-        self.blocks = nn.ModuleList(CvtBlock(cfg, stage, rates[j]) for j in range(depth))
+        attn_layer = partial(ConvAttention, kernel_size=cfg.kernel_qkv[stage], stride_kv=cfg.stride_kv[stage],
+                             padding_kv=cfg.padding_kv[stage])
+        self.blocks = nn.ModuleList(
+            Block(dim, cfg.num_heads[stage], mlp_ratio=cfg.mlp_ratio[stage], qkv_bias=cfg.qkv_bias[stage],
+                  proj_drop=cfg.drop_rate[stage], attn_drop=cfg.attn_drop_rate[stage], drop_path=rate,
+                  norm_layer=norm_layer, attn_layer=attn_layer)
+            for rate in drop_path_rates(cfg.drop_path_rate[stage], depth)
+        )
 
     def forward(
         self, x: torch.Tensor, need_weights: bool = False
@@ -259,14 +204,13 @@ class CvtStage(nn.Module):
         x = self.embed_drop(x)
         attn = None
         for j, blk in enumerate(self.blocks):
-            x, attn = blk(x, grid, self.num_prefix_tokens, need_weights and j == len(self.blocks) - 1)
+            x, attn = blk(x, grid, self.num_prefix_tokens, need_weights=need_weights and j == len(self.blocks) - 1)
         return x, grid, attn
 
 
 class Cvt(VisionModel):
-    # The convolution that takes the image (timm's pretrained_cfg `first_conv`): loading weights
-    # trained on another number of input channels adapts its weight (`weights.adapt_input_conv`).
     first_conv = "stages.0.patch_embed.proj"  # stage 0's token embedding
+    staged = True
 
     def __init__(self, cfg: CvtConfig) -> None:
         super().__init__()
@@ -282,27 +226,19 @@ class Cvt(VisionModel):
     def _init_weights(self) -> None:
         # The authors' "trunc_norm" init: linears and class tokens N(0, .02) truncated, zero biases;
         # convolutions keep PyTorch's default, norms start as the identity.
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
         for stage in self.stages:
             if stage.cls_token is not None:
                 nn.init.trunc_normal_(stage.cls_token, std=0.02)
 
     def _new_head(self, num_classes: int) -> nn.Module:
-        if num_classes <= 0:
-            return nn.Identity()
-        head = nn.Linear(self.num_features, num_classes)
-        nn.init.trunc_normal_(head.weight, std=0.02)
-        nn.init.zeros_(head.bias)
+        head = classifier_head(self.num_features, num_classes)
+        init_linears(head)
         return head
 
     # -- the model contract ---------------------------------------------------------------------
     @property
     def num_blocks(self) -> int:
-        """The number of stages: `forward_intermediates` indexes stages, not blocks."""
         return len(self.stages)
 
     def attention_stages(self, grids: list[tuple[int, int]]) -> list[AttentionStage]:
@@ -321,12 +257,8 @@ class Cvt(VisionModel):
         self.head = self._new_head(num_classes).to(self.norm.weight)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images `(B, C, H, W)` -> the last stage's tokens, normalised, `(B, P + N, num_features)`.
-
-        The class token (if the last stage has one) comes first. The final LayerNorm acts per token,
-        so normalising all of them and then taking the class token equals the reference, which
-        normalises the class token alone.
-        """
+        """Images `(B, C, H, W)` -> the last stage's tokens `(B, P + N, num_features)`, class token first,
+        all normalised: LayerNorm acts per token, so this equals the reference's norm of the class token."""
         for stage in self.stages:
             tokens, grid, _ = stage(x)
             x = tokens_to_nchw(tokens, stage.num_prefix_tokens, grid)  # (B, C, H', W'), the next stage's input
@@ -337,34 +269,13 @@ class Cvt(VisionModel):
         x = x[:, 0] if self.num_prefix_tokens else x.mean(dim=1)  # (B, C)
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        *,
-        norm: bool = False,
-        output_fmt: str = "NCHW",
-        return_attn: bool = False,
-    ) -> Intermediates:
-        """Stage outputs; `indices` refer to the stages (`num_blocks` of them).
-
-        intermediates: `(B, C_i, H_i, W_i)` for `"NCHW"` (class token dropped), `(B, P + H_i * W_i, C_i)`
-            for `"NLC"`. `norm` applies the final norm to the last stage only: it is sized for it.
-        attentions: per requested stage, the probabilities `(B, heads, P + H_i * W_i, P + H_kv * W_kv)`
-            of its last block (keys are squeezed, so there are fewer keys than queries).
-        """
-        check_output_fmt(output_fmt)
-        take = set(resolve_indices(indices, self.num_blocks))
-        feats, attns = [], []
+    def iter_blocks(self, x: torch.Tensor, need_weights: set[int]) -> BlockOutputs:
+        """Stage outputs `(B, P + H_i * W_i, C_i)`; attentions: the probabilities `(B, heads, P + H_i * W_i,
+        P + H_kv * W_kv)` of the stage's last block (keys are squeezed: fewer keys than queries)."""
         for i, stage in enumerate(self.stages):
-            tokens, grid, attn = stage(x, need_weights=return_attn and i in take)
-            x = tokens_to_nchw(tokens, stage.num_prefix_tokens, grid)
-            if i in take:
-                y = self.norm(tokens) if norm and i == self.num_blocks - 1 else tokens
-                feats.append(tokens_to_nchw(y, stage.num_prefix_tokens, grid) if output_fmt == "NCHW" else y)
-                if return_attn:
-                    attns.append(attn)
-        return Intermediates(self.norm(tokens), feats, attns)
+            tokens, grid, attn = stage(x, need_weights=i in need_weights)
+            x = tokens_to_nchw(tokens, stage.num_prefix_tokens, grid)  # (B, C, H', W'), the next stage's input
+            yield tokens, grid, attn
 
 
 # -- variants ---------------------------------------------------------------------------------------

@@ -130,8 +130,6 @@ def _matches(value: Any, hint: Any) -> bool:
         if len(args) == 2 and args[1] is Ellipsis:
             return all(_matches(v, args[0]) for v in value)
         return len(args) == len(value) and all(_matches(v, h) for v, h in zip(value, args))
-    if hint is type(None):
-        return value is None
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:

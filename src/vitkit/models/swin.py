@@ -27,14 +27,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import AttentionStage, Intermediates, VisionModel, check_output_fmt, resolve_indices
-from .layers import Attention, DropPath, Linear, Mlp, PatchEmbed
+from .contract import AttentionStage, BlockOutputs, VisionModel
+from .layers import Attention, Block, Linear, PatchEmbed
+from .layers.drop import drop_path_rates
+from .layers.helpers import check_ranges, classifier_head, init_linears
+from .layers.pos_embed import window_offset_index
 from .registry import ModelEntry, register_model
 
 # Logit offset of masked pairs, as in the reference implementation: exp(-100) vanishes next to any
@@ -61,23 +64,14 @@ class SwinConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        for name in ("patch_size", "in_chans", "embed_dim", "window_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        positive = ("patch_size", "in_chans", "embed_dim", "window_size", "mlp_ratio", "depths", "num_heads")
+        rates = ("drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
+        check_ranges(self, positive=positive, nonnegative=("num_classes",), rates=rates)
         if not self.depths or len(self.depths) != len(self.num_heads):
             raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} need one entry per stage")
-        if min(self.depths) < 1 or min(self.num_heads) < 1:
-            raise ValueError(f"every stage needs >= 1 block and head, got {self.depths}, {self.num_heads}")
         for i, heads in enumerate(self.num_heads):
             if (self.embed_dim * 2**i) % heads:
                 raise ValueError(f"stage {i} width {self.embed_dim * 2**i} is not divisible by {heads} heads")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
-        for name in ("drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         size = (self.img_size, self.img_size) if isinstance(self.img_size, int) else self.img_size
         if size[0] % self.patch_size or size[1] % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
@@ -99,20 +93,9 @@ def window_reverse(windows: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
 
 
-def relative_position_index(window_size: int) -> torch.Tensor:
-    """`(M*M, M*M)` index into the `(2M-1)**2` bias table of every (query, key) offset in a window."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij"))
-    coords = coords.flatten(1)  # (2, M*M)
-    rel = coords[:, :, None] - coords[:, None, :] + window_size - 1  # (2, M*M, M*M), offsets from 0
-    return rel[0] * (2 * window_size - 1) + rel[1]
-
-
 def shifted_window_mask(
-    size: tuple[int, int],
-    window: tuple[int, int],
-    shift: tuple[int, int],
-    device: torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    size: tuple[int, int], window: tuple[int, int], shift: tuple[int, int],
+    device: torch.device | None = None, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor | None:
     """Additive mask `(num_windows, N, N)` for a map of real `size` rolled by `-shift` and then padded.
 
@@ -145,21 +128,12 @@ class WindowAttention(Attention):
     `attn_bias`. timm names: `qkv`, `proj`, `relative_position_bias_table`.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        window_size: int,
-        *,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-    ) -> None:
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+    def __init__(self, dim: int, num_heads: int, window_size: int, **kwargs: Any) -> None:
+        super().__init__(dim, num_heads, **kwargs)
         self.window_size = window_size
         # One learned bias per head for each of the (2M-1)^2 offsets two tokens of a window can have.
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
+        self.register_buffer("relative_position_index", window_offset_index((window_size,) * 2), persistent=False)
 
     def relative_position_bias(self, window: tuple[int, int]) -> torch.Tensor:
         """Bias `(heads, N, N)` for a `window` of at most `M x M` tokens."""
@@ -173,11 +147,7 @@ class WindowAttention(Attention):
         return bias.permute(2, 0, 1)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        window: tuple[int, int],
-        mask: torch.Tensor | None = None,
-        need_weights: bool = False,
+        self, x: torch.Tensor, window: tuple[int, int], mask: torch.Tensor | None = None, need_weights: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`x` `(B * num_windows, N, C)`, `mask` `(num_windows, N, N)` -> output and, with
         `need_weights`, probabilities `(B * num_windows, heads, N, N)`."""
@@ -188,43 +158,20 @@ class WindowAttention(Attention):
         return super().forward(x, bias, need_weights)
 
 
-class SwinTransformerBlock(nn.Module):
+class SwinTransformerBlock(Block):
     """Pre-norm block with (shifted) window attention, on maps `(B, H, W, C)` (paper eq. 3)."""
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        *,
-        window_size: int = 7,
-        shift_size: int = 0,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        proj_drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
-        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
-    ) -> None:
-        super().__init__()
+    def __init__(self, dim: int, num_heads: int, *, window_size: int = 7, shift_size: int = 0, **kwargs: Any) -> None:
+        super().__init__(dim, num_heads, attn_layer=partial(WindowAttention, window_size=window_size), **kwargs)
         self.window_size = window_size
         self.shift_size = shift_size
-        self.norm1 = norm_layer(dim)
-        self.attn = WindowAttention(
-            dim, num_heads, window_size, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop
-        )
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def window_and_shift(self, H: int, W: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """Window and shift for an `H x W` map: a side that fits in one window is neither split nor shifted."""
         M, s = self.window_size, self.shift_size
         return (min(M, H), min(M, W)), (s if H > M else 0, s if W > M else 0)
 
-    def forward(
-        self, x: torch.Tensor, need_weights: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`(B, H, W, C)` -> same shape, and the window attention probabilities when `need_weights`."""
         y, attn = self._window_attention(self.norm1(x), need_weights)
         x = x + self.drop_path1(y)
@@ -264,40 +211,19 @@ class PatchMerging(nn.Module):
 
 
 class SwinTransformerStage(nn.Module):
-    """Patch merging (stages after the first), then blocks alternating regular and shifted windows."""
+    """Patch merging (stages after the first), then blocks alternating regular and shifted windows;
+    `kwargs` go to every block."""
 
     def __init__(
-        self,
-        dim: int,
-        out_dim: int,
-        depth: int,
-        num_heads: int,
-        *,
-        downsample: bool,
-        window_size: int,
-        mlp_ratio: float,
-        qkv_bias: bool,
-        proj_drop: float,
-        attn_drop: float,
-        drop_path: list[float],
-        norm_layer: Callable[[int], nn.Module],
+        self, dim: int, out_dim: int, num_heads: int, *, downsample: bool, window_size: int, drop_path: list[float],
+        norm_layer: Callable[[int], nn.Module], **kwargs: Any,
     ) -> None:
         super().__init__()
         self.downsample = PatchMerging(dim, out_dim, norm_layer) if downsample else nn.Identity()
         self.blocks = nn.ModuleList(
-            SwinTransformerBlock(
-                out_dim,
-                num_heads,
-                window_size=window_size,
-                shift_size=0 if i % 2 == 0 else window_size // 2,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                proj_drop=proj_drop,
-                attn_drop=attn_drop,
-                drop_path=drop_path[i],
-                norm_layer=norm_layer,
-            )
-            for i in range(depth)
+            SwinTransformerBlock(out_dim, num_heads, window_size=window_size, drop_path=rate, norm_layer=norm_layer,
+                                 shift_size=window_size // 2 if i % 2 else 0, **kwargs)
+            for i, rate in enumerate(drop_path)
         )
 
     def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -309,25 +235,13 @@ class SwinTransformerStage(nn.Module):
         return x, attn
 
 
-class PatchEmbedNorm(PatchEmbed):
-    """Patch partition and linear embedding (the shared `PatchEmbed`), then LayerNorm; timm `proj`, `norm`."""
-
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, norm_layer: Callable[[int], nn.Module]) -> None:
-        super().__init__(patch_size, in_chans, embed_dim)
-        self.norm = norm_layer(embed_dim)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        tokens, grid = super().forward(x)  # (B, N, C)
-        return self.norm(tokens), grid
-
-
 class ClassifierHead(nn.Module):
     """Global average pool of the map, dropout, linear; timm's `ClassifierHead` names (`fc`)."""
 
     def __init__(self, dim: int, num_classes: int, drop: float = 0.0) -> None:
         super().__init__()
         self.drop = nn.Dropout(drop)
-        self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc = classifier_head(dim, num_classes)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.drop(x.mean(dim=(1, 2)))  # (B, H, W, C) -> (B, C)
@@ -335,9 +249,7 @@ class ClassifierHead(nn.Module):
 
 
 class SwinTransformer(VisionModel):
-    # The convolution that takes the image (timm's pretrained_cfg `first_conv`): loading weights
-    # trained on another number of input channels adapts its weight (`weights.adapt_input_conv`).
-    first_conv = "patch_embed.proj"
+    staged = True
 
     def __init__(self, cfg: SwinConfig) -> None:
         super().__init__()
@@ -348,25 +260,14 @@ class SwinTransformer(VisionModel):
         self.num_features = dims[-1]
         norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
 
-        self.patch_embed = PatchEmbedNorm(cfg.patch_size, cfg.in_chans, cfg.embed_dim, norm_layer)
-        # Stochastic depth grows linearly over all blocks of all stages.
-        total = sum(cfg.depths)
-        rates = [cfg.drop_path_rate * i / max(1, total - 1) for i in range(total)]  # plain floats: meta-device safe
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, norm_layer)
+        rates = drop_path_rates(cfg.drop_path_rate, sum(cfg.depths))  # over all blocks of all stages
         starts = [sum(cfg.depths[:i]) for i in range(n)]
         self.layers = nn.ModuleList(
             SwinTransformerStage(
-                dims[max(i - 1, 0)],
-                dims[i],
-                cfg.depths[i],
-                cfg.num_heads[i],
-                downsample=i > 0,
-                drop_path=rates[starts[i] : starts[i] + cfg.depths[i]],
-                norm_layer=norm_layer,
-                window_size=cfg.window_size,
-                mlp_ratio=cfg.mlp_ratio,
-                qkv_bias=cfg.qkv_bias,
-                proj_drop=cfg.proj_drop_rate,
-                attn_drop=cfg.attn_drop_rate,
+                dims[max(i - 1, 0)], dims[i], cfg.num_heads[i], downsample=i > 0, window_size=cfg.window_size,
+                drop_path=rates[starts[i] : starts[i] + cfg.depths[i]], norm_layer=norm_layer, mlp_ratio=cfg.mlp_ratio,
+                qkv_bias=cfg.qkv_bias, proj_drop=cfg.proj_drop_rate, attn_drop=cfg.attn_drop_rate,
             )
             for i in range(n)
         )
@@ -387,7 +288,6 @@ class SwinTransformer(VisionModel):
     # -- the model contract ---------------------------------------------------------------------
     @property
     def num_blocks(self) -> int:
-        """The number of stages: `forward_intermediates` indexes stages, not blocks."""
         return len(self.layers)
 
     def attention_stages(self, grids: list[tuple[int, int]]) -> list[AttentionStage]:
@@ -401,9 +301,7 @@ class SwinTransformer(VisionModel):
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.head = ClassifierHead(self.num_features, num_classes, self.cfg.drop_rate)
-        if isinstance(self.head.fc, nn.Linear):
-            nn.init.trunc_normal_(self.head.fc.weight, std=0.02)
-            nn.init.zeros_(self.head.fc.bias)
+        init_linears(self.head)
         self.head.to(self.norm.weight.device)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -420,34 +318,13 @@ class SwinTransformer(VisionModel):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        *,
-        norm: bool = False,
-        output_fmt: str = "NCHW",
-        return_attn: bool = False,
-    ) -> Intermediates:
-        """Stage outputs; `indices` refer to the stages (`num_blocks` of them).
-
-        intermediates: `(B, C_i, H_i, W_i)` for `"NCHW"`, `(B, H_i * W_i, C_i)` for `"NLC"`. `norm`
-            applies the final norm to the last stage only: it is sized for that stage (as in timm).
-        attentions: per requested stage, the probabilities `(B * num_windows, heads, N, N)` of its
-            last block, windows in row-major order over the rolled and padded map (see module doc).
-        """
-        check_output_fmt(output_fmt)
-        take = set(resolve_indices(indices, self.num_blocks))
+    def iter_blocks(self, x: torch.Tensor, need_weights: set[int]) -> BlockOutputs:
+        """Stage outputs `(B, H_i, W_i, C_i)`; attentions: the probabilities `(B * num_windows, heads, N, N)`
+        of the stage's last block, windows in row-major order over the rolled and padded map (see module doc)."""
         x = self._embed(x)
-        feats, attns = [], []
         for i, stage in enumerate(self.layers):
-            x, attn = stage(x, need_weights=return_attn and i in take)
-            if i in take:
-                y = self.norm(x) if norm and i == self.num_blocks - 1 else x
-                feats.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y.flatten(1, 2))
-                if return_attn:
-                    attns.append(attn)
-        return Intermediates(self.norm(x), feats, attns)
+            x, attn = stage(x, need_weights=i in need_weights)
+            yield x, x.shape[1:3], attn
 
 
 # -- variants ---------------------------------------------------------------------------------------

@@ -16,9 +16,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .contract import Intermediates, VisionModel, block_intermediates, check_output_fmt, resolve_indices
-from .layers.helpers import classifier_head, to_2tuple
-from .layers import Block, ConvStem, PatchEmbed, resample_abs_pos_embed, sincos_2d_pos_embed
+from .contract import BlockOutputs, VisionModel
+from .layers.helpers import check_ranges, classifier_head, init_linears, to_2tuple
+from .layers import ConvStem, PatchEmbed, resample_abs_pos_embed, sincos_2d_pos_embed
+from .layers.block import encoder_blocks
 from .layers.patch_embed import HybridEmbed
 from .layers.resnet import ResNetV2Backbone, backbone_reduction
 from .registry import INCEPTION_MEAN, INCEPTION_STD, ModelEntry, register_model
@@ -57,9 +58,8 @@ class ViTConfig:
             raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg'")
         if self.distilled and not self.class_token:
             raise ValueError("a distilled (DeiT) model needs class_token=True")
-        for name in ("in_chans", "num_classes", "embed_dim", "depth", "num_heads", "patch_size"):
-            if getattr(self, name) < (0 if name == "num_classes" else 1):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        check_ranges(self, positive=("in_chans", "embed_dim", "depth", "num_heads", "patch_size"),
+                     nonnegative=("num_classes",))
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if (self.embed_layer == "hybrid") != bool(self.backbone_layers):
@@ -80,19 +80,12 @@ class ViTConfig:
 
 
 class VisionTransformer(VisionModel):
-    # The convolution that takes the image (timm's pretrained_cfg `first_conv`) for each embedding
-    # layer: loading weights trained on another number of channels adapts it (`weights.adapt_input_conv`).
-    FIRST_CONV = {"patch": "patch_embed.proj", "conv": "patch_embed.stem.0",
-                  "hybrid": "patch_embed.backbone.stem.conv"}
-
-    @property
-    def first_conv(self) -> str:
-        return self.FIRST_CONV[self.cfg.embed_layer]
-
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         self.cfg = cfg
         D = cfg.embed_dim
+        self.first_conv = {"patch": "patch_embed.proj", "conv": "patch_embed.stem.0",
+                           "hybrid": "patch_embed.backbone.stem.conv"}[cfg.embed_layer]
         self.num_classes = cfg.num_classes
         self.num_features = D
         self.global_pool = cfg.global_pool
@@ -117,22 +110,8 @@ class VisionTransformer(VisionModel):
             self.pos_embed = None
         self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
 
-        dpr = [cfg.drop_path_rate * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]  # stochastic depth rule
         norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
-        self.blocks = nn.ModuleList(
-            Block(
-                D,
-                cfg.num_heads,
-                mlp_ratio=cfg.mlp_ratio,
-                qkv_bias=cfg.qkv_bias,
-                proj_drop=cfg.proj_drop_rate,
-                attn_drop=cfg.attn_drop_rate,
-                drop_path=dpr[i],
-                init_values=cfg.init_values,
-                norm_layer=norm_layer,
-            )
-            for i in range(cfg.depth)
-        )
+        self.blocks = encoder_blocks(cfg, norm_layer=norm_layer)
         use_fc_norm = cfg.global_pool == "avg" if cfg.fc_norm is None else cfg.fc_norm
         self.norm = nn.Identity() if use_fc_norm else norm_layer(D)
         self.fc_norm = norm_layer(D) if use_fc_norm else nn.Identity()
@@ -155,11 +134,7 @@ class VisionTransformer(VisionModel):
                 nn.init.normal_(tok, std=1e-6 if tok is self.cls_token else 0.02)
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
 
     def _resample_pos_embed_hook(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         key = prefix + "pos_embed"
@@ -169,10 +144,6 @@ class VisionTransformer(VisionModel):
                 state_dict[key] = resample_abs_pos_embed(pe, self.grid, num_prefix_tokens=self.num_pos_prefix)
 
     # -- the model contract ---------------------------------------------------------------------
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
-
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "dist_token"}
 
@@ -186,11 +157,10 @@ class VisionTransformer(VisionModel):
         if self.head_dist is not None:
             self.head_dist = classifier_head(self.num_features, num_classes)
         for h in (self.head, self.head_dist):
-            if isinstance(h, nn.Linear):
-                nn.init.trunc_normal_(h.weight, std=0.02)
-                nn.init.zeros_(h.bias)
+            if h is not None:
+                init_linears(h)
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         x, grid = self.patch_embed(x)  # (B, N, D)
         prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
         if self.cfg.no_embed_class and self.pos_embed is not None:  # DeiT III: positions before the prefix joins
@@ -198,7 +168,7 @@ class VisionTransformer(VisionModel):
         x = torch.cat(prefix + [x], dim=1)
         if not self.cfg.no_embed_class and self.pos_embed is not None:
             x = x + self._pos_embed_for(grid)
-        return self.pos_drop(x)
+        return self.pos_drop(x), grid
 
     def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
         if grid == self.grid:
@@ -211,7 +181,7 @@ class VisionTransformer(VisionModel):
     def forward_features(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """All tokens `(B, prefix + N, D)`. With `ids_keep` `(B, K)` (patch indices), the blocks see
         the prefix tokens and those K patches only: the encoder of a masked autoencoder (He et al. 2022)."""
-        x = self._embed(x)  # position embeddings are added before the selection, so kept patches keep theirs
+        x, _ = self._embed(x)  # position embeddings are added before the selection, so kept patches keep theirs
         if ids_keep is not None:
             P = self.num_prefix_tokens
             kept = x[:, P:].gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
@@ -249,31 +219,11 @@ class VisionTransformer(VisionModel):
         x = self.head_drop(self.fc_norm(pooled))
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        *,
-        norm: bool = False,
-        output_fmt: str = "NCHW",
-        return_attn: bool = False,
-    ) -> Intermediates:
-        check_output_fmt(output_fmt)
-        take = set(resolve_indices(indices, self.num_blocks))
-        H, W = x.shape[-2:]
-        gh, gw = H // self.patch_embed.reduction[0], W // self.patch_embed.reduction[1]
-        return block_intermediates(
-            self._embed(x),
-            lambda i, t, need_weights: self.blocks[i](t, need_weights=need_weights),
-            self.num_blocks,
-            take,
-            final_norm=self.norm,
-            norm=norm,
-            output_fmt=output_fmt,
-            num_prefix_tokens=self.num_prefix_tokens,
-            grid=(gh, gw),
-            return_attn=return_attn,
-        )
+    def iter_blocks(self, x: torch.Tensor, need_weights: set[int]) -> BlockOutputs:
+        x, grid = self._embed(x)
+        for i, blk in enumerate(self.blocks):
+            x, attn = blk(x, need_weights=i in need_weights)
+            yield x, grid, attn
 
 
 # -- variants ---------------------------------------------------------------------------------------
@@ -310,53 +260,27 @@ VARIANTS.update({
 # position embeddings, small patches; "conv" variants replace the patch projection by a small
 # convolutional stem, which is what makes a ViT learn from a few thousand images in minutes.
 _SMALL = dict(class_token=False, global_pool="avg", pos_embed="sincos", mlp_ratio=2.0)
-_MNIST = dict(img_size=28, in_chans=1, num_classes=10)
-VARIANTS.update(
-    {
-        "vit_pico_patch4_28": (ViTConfig(patch_size=4, embed_dim=96, depth=4, num_heads=4, **_SMALL, **_MNIST), {}),
-        "vit_pico_conv4_28": (
-            ViTConfig(patch_size=4, embed_dim=96, depth=4, num_heads=4, embed_layer="conv", **_SMALL, **_MNIST),
-            {},
-        ),
-        "deit_pico_distilled_conv4_28": (
-            ViTConfig(patch_size=4, embed_dim=96, depth=4, num_heads=4, embed_layer="conv", distilled=True,
-                      mlp_ratio=2.0, **_MNIST),
-            {},
-        ),
-        "vit_nano_patch4_32": (ViTConfig(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, **_SMALL,
-                                         num_classes=10), {}),
-        "vit_nano_conv4_32": (ViTConfig(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3,
-                                        embed_layer="conv", **_SMALL, num_classes=10), {}),
-        "vit_micro_patch4_64": (ViTConfig(img_size=64, patch_size=4, embed_dim=256, depth=8, num_heads=4, **_SMALL,
-                                          num_classes=10), {}),
-    }
-)
+_PICO = dict(img_size=28, in_chans=1, num_classes=10, patch_size=4, embed_dim=96, depth=4, num_heads=4)
+_NANO = dict(img_size=32, num_classes=10, patch_size=4, embed_dim=192, depth=6, num_heads=3)
+VARIANTS.update({
+    "vit_pico_patch4_28": (ViTConfig(**_PICO, **_SMALL), {}),
+    "vit_pico_conv4_28": (ViTConfig(**_PICO, **_SMALL, embed_layer="conv"), {}),
+    "deit_pico_distilled_conv4_28": (ViTConfig(**_PICO, embed_layer="conv", distilled=True, mlp_ratio=2.0), {}),
+    "vit_nano_patch4_32": (ViTConfig(**_NANO, **_SMALL), {}),
+    "vit_nano_conv4_32": (ViTConfig(**_NANO, **_SMALL, embed_layer="conv"), {}),
+    "vit_micro_patch4_64": (ViTConfig(img_size=64, num_classes=10, patch_size=4, embed_dim=256, depth=8, num_heads=4,
+                                      **_SMALL), {}),
+})
 
 # Hybrids (ViT paper sec. 3.1; AugReg, Steiner et al. 2022): a ResNet-V2 backbone, then one token per
 # feature-map position. R50 keeps three stages (stride 16), R26 four (stride 32). timm's only 224 px
 # R50 weights are the ImageNet-21k ones with the classifier dropped, hence num_classes=0 as in timm.
 _HYBRID = dict(embed_layer="hybrid", patch_size=1)
-VARIANTS.update(
-    {
-        "vit_small_r26_s32_224": (replace(_S, backbone_layers=(2, 2, 2, 2), **_HYBRID), _INCEPTION),
-        "vit_base_r50_s16_224": (replace(_B, backbone_layers=(3, 4, 9), num_classes=0, **_HYBRID), _INCEPTION),
-    }
-)
-
-
-def _family(name: str, cfg: ViTConfig) -> str:
-    if cfg.embed_layer == "hybrid":
-        return "hybrid"
-    return "deit" if name.startswith("deit") else "vit"
-
+VARIANTS.update({
+    "vit_small_r26_s32_224": (replace(_S, backbone_layers=(2, 2, 2, 2), **_HYBRID), _INCEPTION),
+    "vit_base_r50_s16_224": (replace(_B, backbone_layers=(3, 4, 9), num_classes=0, **_HYBRID), _INCEPTION),
+})
 
 for _name, (_cfg, _pre) in VARIANTS.items():
-    register_model(
-        ModelEntry(
-            name=_name,
-            family=_family(_name, _cfg),
-            config=_cfg,
-            builder=VisionTransformer,
-            **_pre,
-        )
-    )
+    _family = "hybrid" if _cfg.embed_layer == "hybrid" else "deit" if _name.startswith("deit") else "vit"
+    register_model(ModelEntry(name=_name, family=_family, config=_cfg, builder=VisionTransformer, **_pre))

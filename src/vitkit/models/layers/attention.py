@@ -1,15 +1,14 @@
 """Multi-head self-attention (Vaswani et al. 2017) with a fused and an explicit path.
 
 The fused path (`scaled_dot_product_attention`) is fast but never materialises the attention
-probabilities. Whoever needs the maps (attention rollout, explain) calls the module with
-`need_weights=True`, which takes the explicit path and returns the probabilities; nothing relies on
-forward hooks that a fused kernel would silently bypass.
+probabilities: whoever needs the maps (attention rollout, explain) passes `need_weights=True`, which
+takes the explicit path and returns them, rather than relying on hooks a fused kernel would bypass.
 
 bf16 on a CPU also takes the explicit path: there the fused kernel measured 1.3 to 2 times slower
 than two bf16 matrix products and a softmax (forward + backward, 50 to 1,025 tokens, torch 2.14 on
-AVX-512 bf16; `benchmarks/attention.py`). It is what timm computes with fused attention off: the
-probabilities are rounded to bf16 (the fused kernel keeps them in fp32), and they are held for the
-backward pass, B x H x N x N values per layer.
+AVX-512 bf16; `benchmarks/attention.py`). It is timm's computation with fused attention off: the
+probabilities are rounded to bf16 (the fused kernel keeps fp32) and held for the backward pass,
+B x H x N x N values per layer.
 """
 
 from __future__ import annotations
@@ -47,13 +46,7 @@ class Attention(nn.Module):
     """Self-attention over a token sequence `(B, N, D)`; parameter names follow timm (`qkv`, `proj`)."""
 
     def __init__(
-        self,
-        dim: int,
-        num_heads: int = 8,
-        *,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
+        self, dim: int, num_heads: int = 8, *, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
     ) -> None:
         super().__init__()
         if dim % num_heads != 0:
@@ -71,16 +64,10 @@ class Attention(nn.Module):
         return self.qkv(x)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        attn_bias: torch.Tensor | None = None,
-        need_weights: bool = False,
+        self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, need_weights: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return `(output, probabilities)`; probabilities `(B, H, N, N)` only when `need_weights`.
-
-        `attn_bias` is added to the logits (relative position bias, shifted-window mask) and must
-        broadcast to `(B, H, N, N)`.
-        """
+        """Return `(output, probabilities (B, H, N, N) or None without need_weights)`; `attn_bias` (relative
+        position bias, shifted-window mask) is added to the logits and must broadcast to `(B, H, N, N)`."""
         B, N, D = x.shape
         qkv = self.project_qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, Dh)

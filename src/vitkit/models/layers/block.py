@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .attention import Attention
-from .drop import DropPath, LayerScale
+from .drop import DropPath, LayerScale, drop_path_rates
 from .mlp import Mlp
 
 
 class Block(nn.Module):
-    """`x + attn(norm1(x))` then `x + mlp(norm2(x))`, each branch with optional layer scale and drop path."""
+    """`x + attn(norm1(x))` then `x + mlp(norm2(x))`, each branch with optional layer scale and drop path.
+
+    `attn_layer(dim, num_heads, qkv_bias=, attn_drop=, proj_drop=)` builds the attention (a family's own).
+    """
 
     def __init__(
         self,
@@ -28,10 +31,11 @@ class Block(nn.Module):
         init_values: float | None = None,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
         act_layer: type[nn.Module] = nn.GELU,
+        attn_layer: Callable[..., nn.Module] = Attention,
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.attn = attn_layer(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
@@ -40,10 +44,21 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(
-        self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, need_weights: bool = False
+        self, x: torch.Tensor, *args: object, need_weights: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return `(tokens, attention probabilities or None)`; see `Attention.forward`."""
-        y, attn = self.attn(self.norm1(x), attn_bias, need_weights)
+        """Return `(tokens, attention probabilities or None)`; `args` (`Attention.forward`'s `attn_bias`,
+        a family's grid) go to the attention."""
+        y, attn = self.attn(self.norm1(x), *args, need_weights=need_weights)
         x = x + self.drop_path1(self.ls1(y))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, attn
+
+
+def encoder_blocks(cfg: Any, block: Callable[..., nn.Module] = Block, **kwargs: Any) -> nn.ModuleList:
+    """The `cfg.depth` blocks of a ViT-style config (ViT, BEiT), stochastic depth rising linearly over
+    them; `kwargs` go to every block."""
+    return nn.ModuleList(
+        block(cfg.embed_dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, init_values=cfg.init_values,
+              proj_drop=cfg.proj_drop_rate, attn_drop=cfg.attn_drop_rate, drop_path=rate, **kwargs)
+        for rate in drop_path_rates(cfg.drop_path_rate, cfg.depth)
+    )

@@ -6,6 +6,11 @@ import torch
 from torch import nn
 
 
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Stochastic depth rates rising linearly from 0 to `rate` over `depth` blocks (plain floats: meta-device safe)."""
+    return [rate * i / max(1, depth - 1) for i in range(depth)]
+
+
 def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
     """Stochastic depth (Huang et al. 2016): drop the whole residual branch per sample.
 

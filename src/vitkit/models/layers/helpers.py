@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 
@@ -25,3 +27,24 @@ def to_2tuple(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 def classifier_head(dim: int, num_classes: int) -> nn.Module:
     """A linear classifier, or the identity for `num_classes=0` (a feature extractor, as in timm)."""
     return nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def init_linears(module: nn.Module) -> None:
+    """timm's init of the linear layers in `module`: truncated normal weights (std .02), zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def check_ranges(cfg: Any, positive: tuple[str, ...] = (), nonnegative: tuple[str, ...] = (),
+                 rates: tuple[str, ...] = ()) -> None:
+    """Raise `ValueError` for the first field of `cfg` out of range: `positive` > 0, `nonnegative` >= 0,
+    `rates` in [0, 1). A tuple is checked entry by entry."""
+    for names, what, ok in ((positive, "positive", lambda v: v > 0), (nonnegative, ">= 0", lambda v: v >= 0),
+                            (rates, "in [0, 1)", lambda v: 0 <= v < 1)):
+        for name in names:
+            value = getattr(cfg, name)
+            if not all(ok(v) for v in (value if isinstance(value, tuple) else (value,))):
+                raise ValueError(f"{name} must be {what}, got {value}")

@@ -1,24 +1,20 @@
 """Fully connected layers whose fp32 CPU matrix products can run on oneDNN instead of MKL.
 
-Why: torch computes an fp32 `F.linear` on the CPU with MKL's sgemm, and MKL picks its code path by
-CPU vendor: on AMD processors it runs a generic one (`MKL_VERBOSE=1` names "Intel(R) Architecture
-processors", not AVX-512). oneDNN, which torch already uses for bf16 matrix products and for
-convolutions, picks by instruction set. On a 2-core AVX-512 AMD EPYC (torch 2.14.1) its fp32
-products of ViT shapes ran 8-20% faster (MKL 170-198 GFLOP/s, oneDNN 200-226), and it can apply
-GELU while it writes the output, which saves the MLP a pass over its widest activation. The op,
-`torch.ops.mkldnn._linear_pointwise`, is the one torch's own compiler (inductor) emits for linear
-layers on the CPU.
+Why: torch computes an fp32 `F.linear` on the CPU with MKL's sgemm, which picks its code path by
+CPU vendor: on AMD processors a generic one (`MKL_VERBOSE=1` names "Intel(R) Architecture
+processors", not AVX-512). oneDNN, which torch already uses for bf16 products and convolutions,
+picks by instruction set: on a 2-core AVX-512 AMD EPYC (torch 2.14.1) its fp32 products of ViT
+shapes ran 8-20% faster (MKL 170-198 GFLOP/s, oneDNN 200-226), and it can apply GELU while it
+writes the output, saving the MLP a pass over its widest activation. The op,
+`torch.ops.mkldnn._linear_pointwise`, is the one torch's compiler (inductor) emits for CPU linears.
 
-When: `cpu_linear_backend()` is `"onednn"` (the default on x86 CPUs that are not Intel's, where
-the measurement above was made; `VITKIT_CPU_LINEAR=onednn|torch` or `set_cpu_linear` choose), the
-input is a plain fp32 CPU tensor, autocast is off, and nothing is tracing, scripting, compiling or
-exporting the model (those see `F.linear`, so exported graphs hold only standard ops). Everything
-else takes `F.linear`. The results equal `F.linear`'s up to fp32 rounding: the two libraries sum
-in different orders (about 1e-6 relative).
+When: as `use_onednn` says; the backend is `"onednn"` by default on x86 CPUs that are not Intel's,
+where the measurement was made (`VITKIT_CPU_LINEAR=onednn|torch` or `set_cpu_linear` choose).
+Tracing, scripting, compiling and exporting see `F.linear`, so exported graphs hold only standard
+ops. Results equal `F.linear`'s up to fp32 rounding (the libraries sum in different orders, ~1e-6).
 
-Training: the forward product and the gradient with respect to the input use oneDNN; the gradient
-with respect to the weight, a long reduction over all tokens, stays with MKL, which was the faster
-of the two for that shape here.
+Training: the forward product and the input gradient use oneDNN; the weight gradient, a long
+reduction over all tokens, stays with MKL, which was the faster of the two for that shape here.
 """
 
 from __future__ import annotations
@@ -80,17 +76,6 @@ def set_cpu_linear(choice: str) -> str:
     return previous
 
 
-def _autocast_on() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4 has no device argument
-        return torch.is_autocast_cpu_enabled()
-
-
-def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
-
-
 def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True when the product `x @ weight.T` takes oneDNN (see the module docstring)."""
     return (
@@ -98,8 +83,8 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
-        and not _tracing()
-        and not _autocast_on()
+        and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
+        and not torch.is_autocast_enabled("cpu")
         and cpu_linear_backend() == "onednn"
     )
 
@@ -137,7 +122,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`F.linear`, through oneDNN where `use_onednn` says so."""
     if not use_onednn(x, weight):
         return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _OneDNNLinear.apply(x, weight, bias)
     return _pointwise(x, weight, bias)
 

@@ -12,13 +12,8 @@ class Mlp(nn.Module):
     """Linear -> activation -> dropout -> linear -> dropout; names follow timm (`fc1`, `fc2`)."""
 
     def __init__(
-        self,
-        in_features: int,
-        hidden_features: int | None = None,
-        out_features: int | None = None,
-        *,
-        act_layer: type[nn.Module] = nn.GELU,
-        drop: float = 0.0,
+        self, in_features: int, hidden_features: int | None = None, out_features: int | None = None, *,
+        act_layer: type[nn.Module] = nn.GELU, drop: float = 0.0,
     ) -> None:
         super().__init__()
         hidden_features = hidden_features or in_features
@@ -43,8 +38,5 @@ class Mlp(nn.Module):
             type(self.act) is nn.GELU
             and self.act.approximate == "none"
             and not (self.training and self.drop1.p > 0)
-            and not self.fc1._forward_hooks
-            and not self.fc1._forward_pre_hooks
-            and not self.act._forward_hooks
-            and not self.act._forward_pre_hooks
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in (self.fc1, self.act))
         )

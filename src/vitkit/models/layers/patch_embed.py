@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -13,20 +15,22 @@ class PatchEmbed(nn.Module):
 
     A strided convolution is exactly a per-patch linear map; timm's name is `proj`. Any input whose
     sides are multiples of the patch size is accepted; the grid is returned with the tokens so
-    position embeddings can follow it.
+    position embeddings can follow it. `norm_layer` normalises the tokens (Swin; timm's `norm`).
     """
 
-    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
+                 norm_layer: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__()
         self.patch_size = to_2tuple(patch_size)
         self.reduction = self.patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         _check_divisible(x, self.reduction)
         x = self.proj(x)  # (B, D, H/p, W/p)
         grid = (x.shape[-2], x.shape[-1])
-        return x.flatten(2).transpose(1, 2), grid  # (B, N, D)
+        return self.norm(x.flatten(2).transpose(1, 2)), grid  # (B, N, D)
 
 
 class ConvStem(nn.Module):
@@ -78,8 +82,7 @@ class HybridEmbed(nn.Module):
         self.proj = nn.Conv2d(backbone.num_features, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        # The backbone pads "SAME" and would take any size, but the token grid must be exactly
-        # H / reduction for the position table and `forward_intermediates`.
+        # The backbone pads "SAME" and takes any size, but the grid must be exactly H / reduction.
         _check_divisible(x, self.reduction)
         x = self.proj(self.backbone(x))  # (B, D, H/r, W/r)
         grid = (x.shape[-2], x.shape[-1])
@@ -89,6 +92,4 @@ class HybridEmbed(nn.Module):
 def _check_divisible(x: torch.Tensor, reduction: tuple[int, int]) -> None:
     H, W = x.shape[-2:]
     if H % reduction[0] or W % reduction[1]:
-        raise ValueError(
-            f"input size {H}x{W} is not a multiple of the patch size {reduction[0]}x{reduction[1]}"
-        )
+        raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {reduction[0]}x{reduction[1]}")

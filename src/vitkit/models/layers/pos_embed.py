@@ -1,4 +1,4 @@
-"""Absolute position embeddings: fixed 2-D sin-cos and resampling of learned tables to a new grid."""
+"""Position embeddings: fixed 2-D sin-cos, resampling of learned tables to a new grid, relative offsets."""
 
 from __future__ import annotations
 
@@ -52,3 +52,12 @@ def resample_abs_pos_embed(
     grid_pe = F.interpolate(grid_pe, size=new_grid, mode="bicubic", antialias=True, align_corners=False)
     grid_pe = grid_pe.permute(0, 2, 3, 1).reshape(1, -1, D).to(pos_embed.dtype)
     return torch.cat([prefix, grid_pe], dim=1)
+
+
+def window_offset_index(window: tuple[int, int]) -> torch.Tensor:
+    """`(N, N)`: for each (query, key) pair of the N positions of `window`, the row of their 2-D offset in
+    a row-major table of all `(2H-1)(2W-1)` offsets (the relative position bias of Swin and BEiT)."""
+    H, W = window
+    coords = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")).flatten(1)  # (2, N)
+    rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N): query position minus key position
+    return (rel[0] + H - 1) * (2 * W - 1) + (rel[1] + W - 1)

@@ -62,9 +62,7 @@ class StdConv2dSame(nn.Conv2d):
 
 class Bottleneck(nn.Module):
     """Post-activation bottleneck: 1x1 reduce, 3x3 (strided), 1x1 expand, each GroupNorm'd; ReLU after the sum.
-
-    `downsample` (1x1 conv + GroupNorm) projects the shortcut in the first block of a stage.
-    """
+    `downsample` (1x1 conv + GroupNorm) projects the shortcut in the first block of a stage."""
 
     def __init__(self, in_chans: int, out_chans: int, stride: int = 1, bottle_ratio: float = 0.25) -> None:
         super().__init__()
