@@ -1,18 +1,13 @@
 """Speed of a model on this machine (`vitkit benchmark`), and the timing core of `benchmarks/*.py`.
 
-`benchmark()` times training steps and inference batches of one registered model at one or more
-precisions and reports, per (mode, precision): images/s, the median batch latency (and batch-1
-latency for inference), peak memory, GFLOPs per image, the achieved TFLOP/s and that as a fraction
-of the matrix-multiply peak measured in the same run.
+`benchmark()` times a registered model's training steps and inference batches; per (mode, precision): images/s,
+median batch (and batch-1) latency, peak memory, GFLOPs per image, TFLOP/s and its share of the matmul peak.
 
-A training step is the engine's: the classification objective (`Classify`: fp32 cross-entropy with
-the engine's label smoothing) under `Runtime.autocast()`, then `Runtime.backward` and
-`Runtime.step` with the engine's AdamW (`create_optimizer`, weight-decay groups) and gradient clipping. Inference runs in eval mode
-under `torch.inference_mode()` and the same autocast.
+A training step is the engine's (`Classify` under `Runtime.autocast()`, `Runtime.backward`, `Runtime.step` with
+AdamW and clipping); inference runs in eval mode under `torch.inference_mode()` and the same autocast.
 
-The helpers `time_calls`, `train_step`, `bench_optimizer`, `infer_step`, `matmul_peak`,
-`PeakMemory` and `machine_info` are what the comparison scripts in `benchmarks/` build on (with
-their own harness, `benchmarks/harness.py`: interleaved rounds, one process per library).
+`time_calls`, `train_step`, `bench_optimizer`, `infer_step`, `matmul_peak`, `PeakMemory` and `machine_info` are
+what the scripts in `benchmarks/` build on (with their own harness: interleaved rounds, one process per library).
 """
 
 from __future__ import annotations
@@ -46,11 +41,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_MODES = ("train", "infer")
 DEFAULT_PRECISIONS = ("fp32", "auto")
 
-# A training step costs about three forward passes: the backward pass computes gradients with
-# respect to both the activations and the weights, each as costly as the forward.
+# A training step costs about three forwards: the backward pass computes gradients with respect to both the
+# activations and the weights, each as costly as the forward.
 TRAIN_FLOPS_FACTOR = 3
-# A small learning rate, so that repeated steps on one random batch do not diverge (NaN/inf
-# arithmetic can run at a different speed); the rate does not change the cost of a step.
+# Small, so repeated steps on one random batch do not diverge (NaN/inf arithmetic can run at another speed); the
+# rate does not change the cost of a step.
 BENCH_LR = 1e-4
 _TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,18 +54,14 @@ Step = Callable[[], None]
 
 
 # ----------------------------------------------------------------------------- timing core
+def _no_sync() -> None:
+    pass
 
 
 def synchronizer(device: torch.device | str) -> Callable[[], None]:
     """A function that waits for the device's queued work (CUDA kernels run asynchronously)."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
-def _no_sync() -> None:
-    pass
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else _no_sync
 
 
 def time_calls(fn: Step, n: int, sync: Callable[[], None] = _no_sync) -> list[float]:
@@ -92,8 +83,6 @@ def median_spread(values: list[float]) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------- steps
-
-
 def bench_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     """The engine's AdamW (weight-decay groups, default weight decay) at `BENCH_LR`."""
     return create_optimizer(model, BENCH_LR, _TRAIN_DEFAULTS["weight_decay"])
@@ -101,8 +90,7 @@ def bench_optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, runtime: Runtime,
                optimizer: torch.optim.Optimizer | None = None) -> Step:
-    """One engine training step on the fixed batch (x, y): autocast forward, fp32 cross-entropy
-    with the engine's label smoothing, backward, gradient clipping and an AdamW step
+    """One engine step on the fixed batch: autocast forward, fp32 label-smoothed CE, backward, clipping, AdamW
     (`bench_optimizer(model)` unless `optimizer` is given)."""
     model.train()
     if optimizer is None:
@@ -130,25 +118,16 @@ def infer_step(model: nn.Module, x: torch.Tensor, runtime: Runtime) -> Step:
 
 
 # ----------------------------------------------------------------------------- machine
-
-
 def matmul_peak(precision: str, device: torch.device | str = "cpu", size: int | None = None, reps: int = 3) -> float:
-    """The machine's matrix-multiply speed in TFLOP/s: the best of `reps` products of two
-    `size` x `size` matrices in the precision's dtype (default side: 2048 on CPU, 8192 on CUDA)."""
+    """Matrix-multiply TFLOP/s: the best of `reps` `size`-square products (default 2048 on CPU, 8192 on CUDA)."""
     device = torch.device(device)
-    size = size or (8192 if device.type == "cuda" else 2048)
-    dtype = _DTYPES[precision]
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    size, dtype = size or (8192 if device.type == "cuda" else 2048), _DTYPES[precision]
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
     c = torch.empty(size, size, device=device, dtype=dtype)
     step = lambda: torch.mm(a, b, out=c)  # noqa: E731
     time_calls(step, 1, synchronizer(device))  # kernel selection and first-touch of the output
     best = min(time_calls(step, reps, synchronizer(device)))
     return 2 * size**3 / best / 1e12
-
-
-def _cpu_model() -> str:
-    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -157,15 +136,10 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
 
     device = torch.device(device)
     info: dict[str, Any] = {
-        "cpu": _cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_bf16": cpu_has_bf16(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
+        "cpu": cpuinfo("model name") or platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_bf16": cpu_has_bf16(),
+        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
         "vitkit": __version__,
     }
     if device.type == "cuda":
@@ -183,19 +157,14 @@ def machine_line(info: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- memory
-
-
 def _maxrss_bytes() -> int:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
 
 
 def _release_cpu_memory() -> bool:
-    """Return freed memory to the OS and restart the process's peak-RSS count at the current RSS.
-
-    Both are best effort: glibc's `malloc_trim`, and Linux's `/proc/self/clear_refs` (writing 5
-    resets the high-water mark that getrusage reports). True when the reset was possible.
-    """
+    """Return freed memory to the OS (glibc's `malloc_trim`) and restart the peak-RSS count at the current RSS
+    (writing 5 to Linux's `/proc/self/clear_refs` resets getrusage's high-water mark); True when it could."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -210,20 +179,14 @@ def _release_cpu_memory() -> bool:
 
 
 class PeakMemory:
-    """Peak memory of a block, in bytes (`nbytes`, set on exit).
-
-    CUDA: `torch.cuda.max_memory_allocated` - tensors allocated by torch on the device, including
-    those that existed before the block. CPU: how much the process's peak resident set size
-    (`getrusage` ru_maxrss) grew during the block, counted from the RSS at its start where Linux
-    lets the peak be reset (`reset` is then True). It is process-level: tensors, the allocator's
-    cached blocks, oneDNN scratch buffers, thread stacks, everything the process touched.
-    """
+    """Peak memory of a block, in bytes (`nbytes`, set on exit). CUDA: `torch.cuda.max_memory_allocated` (tensors
+    from before the block too). CPU: how much the process's peak RSS (ru_maxrss) grew, from the RSS at the start
+    where Linux lets the peak be reset (`reset` True): tensors, caches, scratch buffers, all the process touched."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.kind = "cuda_max_memory_allocated" if self.device.type == "cuda" else "process_peak_rss_growth"
-        self.reset = False
-        self.nbytes = 0
+        self.reset, self.nbytes = False, 0
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -246,18 +209,15 @@ class PeakMemory:
 
 
 # ----------------------------------------------------------------------------- `vitkit benchmark`
-
-
 def _check(modes: list[str], precisions: list[str], batch_size: int, steps: int, warmup: int,
            img_size: int | None) -> None:
     if not modes or not precisions:
         raise ValueError("give at least one mode (train, infer) and one precision (auto, fp32, bf16, fp16)")
-    for m in modes:
-        if m not in MODES:
-            raise ValueError(f"mode must be train or infer, got {m!r}")
-    for p in precisions:
-        if p not in PRECISIONS:
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {p!r}")
+    for values, allowed, rule in ((modes, MODES, "mode must be train or infer"),
+                                  (precisions, PRECISIONS, "precision must be auto, fp32, bf16 or fp16")):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise ValueError(f"{rule}, got {bad[0]!r}")
     for name, value, low in (("batch_size", batch_size, 1), ("steps", steps, 1), ("warmup", warmup, 0)):
         if value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}")
@@ -296,33 +256,19 @@ def _row(name: str, mode: str, precision: str, requested: str, kwargs: dict[str,
     }
 
 
-def benchmark(
-    model: str,
-    *,
-    modes: list[str] | tuple[str, ...] = DEFAULT_MODES,
-    precisions: list[str] | tuple[str, ...] = DEFAULT_PRECISIONS,
-    batch_size: int = 64,
-    img_size: int | None = None,
-    steps: int = 10,
-    warmup: int = 3,
-    device: str = "cpu",
-    matmul_size: int | None = None,
-    json_path: str | Path | None = None,
-    log: Callable[[str], None] | None = print,
-) -> dict[str, Any]:
-    """Time `model` in each (mode, precision) and return the report (also written to `json_path`).
-
-    `auto` resolves as in training (`auto_precision`); precisions that resolve to the same one run
-    once. `log` receives the header, each row as it completes and the footnotes (None: silent).
-    Bad arguments raise ValueError before any work.
-    """
+def benchmark(model: str, *, modes: list[str] | tuple[str, ...] = DEFAULT_MODES,
+              precisions: list[str] | tuple[str, ...] = DEFAULT_PRECISIONS, batch_size: int = 64,
+              img_size: int | None = None, steps: int = 10, warmup: int = 3, device: str = "cpu",
+              matmul_size: int | None = None, json_path: str | Path | None = None,
+              log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Time `model` in each (mode, precision) and return the report (also written to `json_path`). `auto` resolves
+    as in training; precisions that resolve alike run once. `log` receives the header, each row as it completes
+    and the footnotes (None: silent). Bad arguments raise ValueError before any work."""
     modes, precisions = list(modes), list(precisions)
     _check(modes, precisions, batch_size, steps, warmup, img_size)
-    entry = get_model_entry(model)
-    cfg = entry.config
-    kwargs: dict[str, Any] = {}
-    if img_size is not None:
-        kwargs["img_size"] = img_size
+    say = log or (lambda line: None)
+    cfg = get_model_entry(model).config
+    kwargs: dict[str, Any] = {} if img_size is None else {"img_size": img_size}
     num_classes = cfg.num_classes
     if num_classes == 0:  # a feature extractor (e.g. the R50 hybrid): give it a classifier to train
         kwargs["num_classes"] = num_classes = 1000
@@ -330,58 +276,41 @@ def benchmark(
         meta = create_model(model, **kwargs)
     size = img_size if img_size is not None else cfg.img_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    shape = (cfg.in_chans, h, w)
-    flops = count_flops(meta, (h, w), cfg.in_chans)
-    params = count_params(meta)
-
+    flops, params = count_flops(meta, (h, w), cfg.in_chans), count_params(meta)
     # Resolve the precisions first: every error is raised before the minutes of timing start.
     resolved: dict[str, list[str]] = {}
-    dev = None
     for p in precisions:
         runtime = Runtime(device, p, meta)
-        dev = runtime.device
         resolved.setdefault(runtime.precision, []).append(p)
-    assert dev is not None
-
-    info = machine_info(dev)
-    if log:
-        log(f"vitkit benchmark: {model}, {params / 1e6:.2f}M params, {flops / 1e9:.3f} GFLOPs per image (forward), "
-            f"{h}x{w} px, batch {batch_size}, {dev}")
-        log(machine_line(info))
-        for p, req in resolved.items():
-            if "auto" in req:
-                log(f"precision auto -> {p}")
-    peaks = {p: matmul_peak(p, dev, matmul_size) for p in resolved}
+    dev, info = runtime.device, machine_info(runtime.device)
+    say(f"vitkit benchmark: {model}, {params / 1e6:.2f}M params, {flops / 1e9:.3f} GFLOPs per image (forward), "
+        f"{h}x{w} px, batch {batch_size}, {dev}")
+    say(machine_line(info))
+    for p, req in resolved.items():
+        if "auto" in req:
+            say(f"precision auto -> {p}")
     side = matmul_size or (8192 if dev.type == "cuda" else 2048)
-    if log:
-        log(f"matmul peak ({side}x{side}): " + ", ".join(f"{p} {t:.3f} TFLOP/s" for p, t in peaks.items()))
-        log("")
-        log(HEADER)
-        log("-" * len(HEADER))
-
+    peaks = {p: matmul_peak(p, dev, side) for p in resolved}
+    say(f"matmul peak ({side}x{side}): " + ", ".join(f"{p} {t:.3f} TFLOP/s" for p, t in peaks.items()))
+    say("")
+    say(HEADER)
+    say("-" * len(HEADER))
     rows = []
     for mode in modes:
+        factor = TRAIN_FLOPS_FACTOR if mode == "train" else 1
         for p, req in resolved.items():
-            row = _row(model, mode, p, ",".join(req), kwargs, shape, num_classes, batch_size, steps, warmup, dev)
-            factor = TRAIN_FLOPS_FACTOR if mode == "train" else 1
-            row["gflops_per_image"] = flops / 1e9
-            row["gflops_per_image_step"] = factor * flops / 1e9
-            row["tflops"] = factor * flops * row["images_per_s"] / 1e12
-            row["peak_tflops"] = peaks[p]
+            row = _row(model, mode, p, ",".join(req), kwargs, (cfg.in_chans, h, w), num_classes, batch_size, steps,
+                       warmup, dev)
+            row.update(gflops_per_image=flops / 1e9, gflops_per_image_step=factor * flops / 1e9,
+                       tflops=factor * flops * row["images_per_s"] / 1e12, peak_tflops=peaks[p])
             row["fraction_of_peak"] = row["tflops"] / peaks[p]
             rows.append(row)
-            if log:
-                log(format_row(row))
-    if log:
-        log("")
-        log("img/s: batch / median batch time. GFLOP/img: per image and step (a training step counts 3 forwards).")
-        if dev.type == "cuda":
-            log("peak mem: torch.cuda.max_memory_allocated during the row (weights, gradients, optimizer state, "
-                "activations).")
-        else:
-            log("peak mem: growth of the whole process's peak RSS during the row (getrusage); process-level, "
-                "approximate.")
-
+            say(format_row(row))
+    say("")
+    say("img/s: batch / median batch time. GFLOP/img: per image and step (a training step counts 3 forwards).")
+    say("peak mem: torch.cuda.max_memory_allocated during the row (weights, gradients, optimizer state, activations)."
+        if dev.type == "cuda" else
+        "peak mem: growth of the whole process's peak RSS during the row (getrusage); process-level, approximate.")
     report = {
         "model": model, "params": params, "img_size": [h, w], "in_chans": cfg.in_chans, "num_classes": num_classes,
         "batch_size": batch_size, "steps": steps, "warmup": warmup, "device": str(dev),
@@ -390,8 +319,7 @@ def benchmark(
     }
     if json_path is not None:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
-        if log:
-            log(f"written to {json_path}")
+        say(f"written to {json_path}")
     return report
 
 

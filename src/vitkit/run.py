@@ -11,10 +11,8 @@
       curves.png             training curves
       eval.json              the final evaluation: written by training, rewritten by `vitkit eval`
 
-`RunRecord.write` is the one writer of `config.yaml` and `RunRecord.read` its one reader; no other
-module reads a run's config by key. Every file is written atomically. This module depends on
-`vitkit.models` and `vitkit.preprocess` only, so a tool that runs a trained model loads no
-training code.
+`RunRecord.write`/`read` are the one writer and reader of `config.yaml`; every file is written atomically. Only
+`vitkit.models` and `vitkit.preprocess` are imported, so a tool that runs a trained model loads no training code.
 """
 
 from __future__ import annotations
@@ -52,13 +50,9 @@ SCHEMA_VERSION = 2
 
 
 def atomic_write(path: str | Path, data: bytes, *, keep_previous: Path | None = None) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`.
-
-    A crash at any moment leaves either the old file or the new one, never half of either. With
-    `keep_previous`, the old file is first renamed there (the fallback checkpoint). A full disk or a
-    permission error raises `OSError` naming `path`; the old file is untouched and the temporary
-    file is removed.
-    """
+    """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash leaves the old file
+    or the new one, never half of either. With `keep_previous`, the old file is first renamed there (the fallback
+    checkpoint). A full disk or a permission error raises `OSError` naming `path`, the old file untouched."""
     path = Path(path)
     tmp = None
     try:
@@ -71,23 +65,18 @@ def atomic_write(path: str | Path, data: bytes, *, keep_previous: Path | None = 
         if keep_previous is not None and path.exists():
             os.replace(path, keep_previous)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        raise type(e)(e.errno, f"cannot write {path}: {e.strerror or e}") from e
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise type(e)(e.errno, f"cannot write {path}: {e.strerror or e}") from e
         raise
 
 
 @dataclass
 class RunRecord:
-    """Everything a run directory says about its run, typed; saved as `config.yaml`.
-
-    `settings` is the run's whole training configuration as a plain dict (what `--resume`
-    rebuilds the typed config from); every field a tool needs is a field of its own.
-    """
+    """Everything a run directory says about its run, typed; saved as `config.yaml`. `settings` is the whole
+    training configuration as a plain dict (what `--resume` rebuilds); every field a tool needs has its own."""
 
     model: str
     """Registered model name."""
@@ -182,11 +171,8 @@ def _from_v1(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- weights, checkpoints, metrics -----------------------------------------------------------------
-
-
 def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    atomic_write(path, save(tensors, metadata=metadata))
+    atomic_write(path, save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, metadata=metadata))
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -237,9 +223,7 @@ def append_metrics(run_dir: Path, row: dict[str, Any], keep_epochs: int | None =
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def write_eval(run_dir: str | Path, result: dict[str, Any]) -> None:
@@ -248,8 +232,6 @@ def write_eval(run_dir: str | Path, result: dict[str, Any]) -> None:
 
 
 # -- using a finished run --------------------------------------------------------------------------
-
-
 @dataclass
 class Run:
     """A trained model, in eval mode, with its record (and so its preprocessing)."""
@@ -298,11 +280,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def load_run(path: str | Path, device: str = "cpu", weights: str = "auto") -> Run:
-    """Rebuild a run's model from its record and weights, in eval mode.
-
-    weights: "ema" (`model_ema.safetensors`), "raw" (`model.safetensors`) or "auto": the EMA
-    weights when the run kept them, since they are what a run with EMA is trained to deliver.
-    """
+    """A run's model from its record and weights, in eval mode; weights: "ema", "raw" or "auto" (EMA when kept)."""
     path = Path(path)
     if weights not in ("auto", "ema", "raw"):
         raise ValueError(f"weights must be auto, ema or raw, got {weights!r}")

@@ -1,13 +1,13 @@
 """Training within a wall-clock budget (`--time-budget 10m`): time the first steps, then fix the run's length.
 
-The plan replaces `--epochs` before the run starts, so the schedule (warmup + cosine) is laid over
-the steps that fit, the final evaluation has its time set aside, and the plan is recorded in the
-run's settings: `--resume` continues the same plan exactly, whatever the machine does later.
+The plan replaces `--epochs` before the run starts, so the schedule (warmup + cosine) covers the steps that fit,
+the final evaluation has its time set aside, and the run's settings record the plan `--resume` continues exactly.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import re
 import statistics
@@ -36,10 +36,9 @@ def parse_duration(text: str) -> float:
 
 
 def time_steps(objective: torch.nn.Module, train_loader, val_loader, runtime, cfg: Any, budget: float) -> tuple[float, float]:
-    """(median seconds per training step, batch loading and EMA update included; seconds per
-    evaluation batch), measured on a copy of the objective with its own optimizer, so the run
-    itself starts from its seeded weights. The first steps run faster than the steady state
-    (measured: 28 against 40 ms per step for the default model), so 10 to 60 steps are timed."""
+    """(median seconds per training step, loading and EMA update included; seconds per evaluation batch), on a
+    copy of the objective with its own optimizer, so the run starts from its seeded weights. The first steps run
+    faster than the steady state (28 against 40 ms per step for the default model), so 10 to 60 are timed."""
     probe = copy.deepcopy(objective).train()
     optimizer = create_optimizer(probe, cfg.lr, cfg.weight_decay, cfg.layer_decay)
     ema = create_ema(probe.model, cfg.ema) if cfg.ema else None
@@ -70,24 +69,19 @@ def _eval_batch_s(probe: torch.nn.Module, val_loader, runtime, batches: int = 4)
         return 0.0
     probe.eval()
     times = []
-    for i, (x, y) in enumerate(val_loader):
+    for x, _ in itertools.islice(val_loader, batches):
         t0 = time.perf_counter()
         with runtime.autocast():
             probe.model(runtime.to(x)[0]).float().sum().item()
         times.append(time.perf_counter() - t0)
-        if i + 1 == batches:
-            break
     return statistics.median(times[1:] or times)
 
 
 def plan(cfg: Any, objective: torch.nn.Module, train_loader, val_loader, runtime, started: float,
          views: tuple[int, int] = (1, 1)) -> Any:
-    """The config with the number of epochs that fits `cfg.time_budget` from `started` on (at least one).
-
-    Per epoch: its training steps, and the validation passes over `views[0]` test-time views
-    (twice with EMA). At the end: the final evaluation over `views[1]` views. The budget minus
-    what set-up and the timing took and a 5% margin is what the epochs may use.
-    """
+    """The config with the number of epochs (at least one) that fits `cfg.time_budget` from `started` on: each
+    epoch trains and validates over `views[0]` test-time views (twice with EMA), the final evaluation takes
+    `views[1]`; the epochs may use the budget less set-up, timing and a 5% margin."""
     budget = parse_duration(cfg.time_budget)
     step_s, forward_s = time_steps(objective, train_loader, val_loader, runtime, cfg, budget)
     val_batches = len(val_loader) if val_loader is not None else 0

@@ -1,9 +1,5 @@
-"""The typed configuration of a run: the fields every objective shares once, and a small config per objective.
-
-`TrainConfig` (`vitkit train`: classification, with `distill` for a teacher) and `PretrainConfig`
-(`vitkit pretrain`: `mae` or `beit`) extend `FitConfig`, which `engine.fit` runs. YAML files and
-command-line flags are checked against these types.
-"""
+"""The typed configuration of a run, which YAML files and flags are checked against: `FitConfig` (what every
+objective shares, run by `engine.fit`) extended by `TrainConfig` (with `distill`) and `PretrainConfig` (mae, beit)."""
 
 from __future__ import annotations
 
@@ -13,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 DEFAULT_MODEL = "vit_pico_conv4_28"
-# The small variants that pre-train on mnist5k in minutes on a CPU (patch projection, not the conv
-# stem: overlapping convolutions would let a masked patch's pixels leak into its visible neighbours).
+# Pre-train on mnist5k in minutes on a CPU; a patch projection, not the conv stem, whose overlapping
+# convolutions would let a masked patch's pixels leak into its visible neighbours.
 DEFAULT_PRETRAIN_MODELS = {"mae": "vit_pico_patch4_28", "beit": "beit_pico_patch4_28"}
 
 
@@ -45,15 +41,13 @@ def _sub(value: Any, cls: type) -> Any:
 
 
 # -- objective configs -----------------------------------------------------------------------------
-
-
 @dataclass
 class DistillConfig:
     """DeiT distillation (Touvron et al. 2021): a frozen teacher's predictions as a second target."""
 
     teacher: str | None = None
-    """A vitkit run directory, a registered model (`tv:resnet18`, `deit_...`) with teacher_weights,
-    or `timm:NAME` with teacher_weights. Must predict the data's classes."""
+    """A vitkit run directory, or with teacher_weights a registered model (`tv:resnet18`, `deit_...`) or
+    `timm:NAME`. Must predict the data's classes."""
     teacher_weights: str | None = None
     """Weights file for a teacher given by name."""
     kind: Literal["none", "soft", "hard"] | None = None
@@ -64,8 +58,8 @@ class DistillConfig:
     """Softmax temperature of soft distillation."""
 
     def resolve(self) -> DistillConfig:
-        """Fill in the defaults that depend on other fields, and check. (Not in `__post_init__`: the
-        CLI builds its defaults from an instance, which must keep them unresolved.)"""
+        """Fill in the defaults that depend on other fields, and check (not in `__post_init__`: the CLI
+        builds its defaults from an instance, which must keep them unresolved)."""
         if self.kind is None:
             self.kind = "hard" if self.teacher else "none"
         if self.alpha is None:
@@ -90,12 +84,11 @@ class MAEConfig:
     decoder_heads: int = 4
 
     def __post_init__(self) -> None:
+        dim, unit = self.decoder_dim, 4 * self.decoder_heads
         _check(self, {
             "mask_ratio": (0 < self.mask_ratio < 1, "in (0, 1)"),
-            "decoder_dim": (self.decoder_dim is None or (self.decoder_dim > 0 and self.decoder_dim % (4 * self.decoder_heads) == 0),
-                            "a positive multiple of 4 * decoder_heads"),
-            "decoder_depth": (self.decoder_depth >= 1, ">= 1"),
-            "decoder_heads": (self.decoder_heads >= 1, ">= 1"),
+            "decoder_dim": (dim is None or (dim > 0 and dim % unit == 0), "a positive multiple of 4 * decoder_heads"),
+            "decoder_depth": (self.decoder_depth >= 1, ">= 1"), "decoder_heads": (self.decoder_heads >= 1, ">= 1"),
         })
 
 
@@ -106,9 +99,8 @@ class BEiTConfig:
     mask_ratio: float = 0.4
     """Share of patches masked, in blocks."""
     tokenizer: str = "kmeans"
-    """'kmeans' builds a k-means codebook over the training images' patches (saved as
-    RUN/tokenizer.safetensors); or a file: a saved k-means tokenizer, a TorchScript file or a
-    torch.export .pt2 mapping images in [0, 1] to token ids (docs/pretraining.md)."""
+    """'kmeans': a k-means codebook of the training images' patches (saved as RUN/tokenizer.safetensors); or
+    a k-means tokenizer file, a TorchScript or torch.export .pt2 mapping [0, 1] images to ids (docs/pretraining.md)."""
     vocab_size: int = 512
     """Codebook size of a k-means tokenizer; for an external one without a vocab_size attribute, its size."""
     tokenizer_images: int = 4000
@@ -120,8 +112,6 @@ class BEiTConfig:
 
 
 # -- the shared fields and the two run kinds -------------------------------------------------------
-
-
 @dataclass
 class FitConfig:
     """The fields every objective shares: data, model, optimisation, precision and the run directory."""
@@ -133,25 +123,21 @@ class FitConfig:
     model_args: dict[str, Any] = field(default_factory=dict)
     """Overrides of the model's config fields, e.g. {depth: 6, drop_path_rate: 0.1}."""
     pretrained: str | None = None
-    """Start from a run directory or weights file (timm, Hugging Face, JAX): position embeddings are
-    resampled to img_size; for classification the classifier is re-initialised for the data's
-    classes and the fine-tuning defaults apply (lr 5e-4, layer_decay 0.75)."""
+    """Start from a run directory or weights file (timm, Hugging Face, JAX), position embeddings resampled to
+    img_size, the classifier re-initialised for the data's classes; fine-tuning defaults: lr 5e-4, layer_decay 0.75."""
     img_size: int | None = None
     """Input side in pixels; default: the model's."""
     epochs: int = 40
     batch_size: int = 32
     time_budget: str | None = None
-    """Train within this wall-clock time instead of for --epochs (e.g. 90s, 10m, 1.5h): the first
-    steps are timed on this machine and the epochs that fit, with the final evaluation, are
-    planned, printed and recorded (so --resume follows the same plan)."""
+    """Train within this wall-clock time instead of --epochs (90s, 10m, 1.5h): the first steps are timed and the
+    epochs that fit, with the final evaluation, are planned and recorded (--resume follows the same plan)."""
     lr: float | None = None
-    """Peak learning rate (AdamW) after warmup; default 2e-3 from scratch (tuned for the small
-    models at batch 32; lower it for large ones), 5e-4 when fine-tuning."""
+    """Peak AdamW learning rate: default 2e-3 from scratch (tuned for small models at batch 32), 5e-4 fine-tuning."""
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     warmup_epochs: float | None = None
-    """Linear warmup, then cosine decay. Default: min(2, epochs / 2) for training, a tenth of the
-    epochs for pre-training (MAE: 40 of 400), so short runs need no arithmetic."""
+    """Linear warmup, then cosine decay; default min(2, epochs / 2), in pre-training a tenth (MAE: 40 of 400)."""
     layer_decay: float | None = None
     """Layer-wise lr decay: block i of L trains at lr * layer_decay**(L + 1 - i), the embeddings at
     layer_decay**(L + 1); default 0.75 when fine-tuning, off (1.0) from scratch."""
@@ -160,18 +146,15 @@ class FitConfig:
     accum_steps: int = 1
     """Gradient accumulation: optimizer step every N batches (effective batch = batch_size * N * processes)."""
     augment: Literal["none", "light", "medium", "strong"] = "light"
-    """Preset sized to the budget. light: translation (in memory) or random resized crop (folders)
-    plus flips where labels allow; medium: + RandAugment and Mixup 0.2; strong (DeiT, for long
-    runs): + random erasing 0.25 and Mixup 0.8 / CutMix 1.0."""
+    """light: translation (in memory) or random resized crop (folders), flips where labels allow; medium: +
+    RandAugment, Mixup 0.2; strong (DeiT, long runs): + random erasing 0.25, Mixup 0.8 / CutMix 1.0."""
     hflip: bool | None = None
     """Horizontal flips; default: on for photos, off for digits."""
     ema: float | None = 0.998
-    """Decay of the weight EMA (evaluated and saved alongside the raw weights; used by eval and
-    predict); null disables. The decay warms up as min(ema, (1 + n) / (10 + n)) over the first steps."""
+    """Weight-EMA decay (warming up; evaluated and saved beside the raw weights, used by eval, predict); null: off."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 on GPUs and on CPUs with bf16 instructions (fp32 there for models with depthwise
-    convolutions, i.e. CvT, which run slower in bf16), else fp32. bf16 autocast on CPU or CUDA; fp16
-    autocast with a gradient scaler on CUDA."""
+    """auto: bf16 on GPUs and CPUs with bf16 instructions (fp32 on CPUs for CvT: its depthwise convolutions
+    run slower in bf16), else fp32. fp16 autocasts with a gradient scaler, on CUDA only."""
     compile: bool = False
     """torch.compile the model (pays off on long runs; compiling a ViT takes ~30 s on a CPU)."""
     grad_checkpointing: bool = False
@@ -194,15 +177,13 @@ class FitConfig:
 
     @property
     def objective_name(self) -> str:
-        """Which objective `engine.fit` builds."""
         return "classify"
 
     def default_warmup(self) -> float:
         return min(2.0, self.epochs / 2)
 
     def __post_init__(self) -> None:
-        # Fine-tuning and from-scratch training want different defaults; resolved here so the
-        # saved record states what was used.
+        # Fine-tuning and from-scratch training differ; resolved here so the record states what was used.
         if self.lr is None:
             self.lr = 5e-4 if self.pretrained else 2e-3
         if self.layer_decay is None:
@@ -217,17 +198,13 @@ class FitConfig:
             raise ValueError(f"warmup_epochs={self.warmup_epochs:g} is longer than the run (epochs={self.epochs}): "
                              "lower --warmup-epochs or raise --epochs")
         _check(self, {
-            "epochs": (self.epochs >= 1, ">= 1"),
-            "batch_size": (self.batch_size >= 1, ">= 1"),
-            "lr": (self.lr > 0, "> 0"),
-            "min_lr": (0 <= self.min_lr <= self.lr, "between 0 and lr"),
-            "layer_decay": (0 < self.layer_decay <= 1, "in (0, 1]"),
-            "accum_steps": (self.accum_steps >= 1, ">= 1"),
+            "epochs": (self.epochs >= 1, ">= 1"), "batch_size": (self.batch_size >= 1, ">= 1"),
+            "lr": (self.lr > 0, "> 0"), "min_lr": (0 <= self.min_lr <= self.lr, "between 0 and lr"),
+            "layer_decay": (0 < self.layer_decay <= 1, "in (0, 1]"), "accum_steps": (self.accum_steps >= 1, ">= 1"),
             "ema": (self.ema is None or 0 < self.ema < 1, "in (0, 1) or null"),
             "weight_decay": (self.weight_decay >= 0, ">= 0"),
             "warmup_epochs": (self.warmup_epochs is None or self.warmup_epochs >= 0, ">= 0"),
-            "val_fraction": (0 < self.val_fraction < 1, "in (0, 1)"),
-            "num_workers": (self.num_workers >= 0, ">= 0"),
+            "val_fraction": (0 < self.val_fraction < 1, "in (0, 1)"), "num_workers": (self.num_workers >= 0, ">= 0"),
             "img_size": (self.img_size is None or self.img_size > 0, "> 0 or null"),
             "clip_grad": (self.clip_grad is None or self.clip_grad > 0, "> 0 or null"),
             "skip_nonfinite": (self.skip_nonfinite >= 0, ">= 0"),
@@ -239,12 +216,9 @@ class FitConfig:
 
 @dataclass
 class TrainConfig(FitConfig):
-    """`vitkit train`: a classifier, optionally distilled from a teacher.
-
-    The defaults train `vit_pico_conv4_28` on `mnist5k` to 98.6-99.0% test top-1 in the final
-    evaluation (EMA weights, test-time shifts; mean 98.8% over nine runs; 97.7-99.1% on the plain
-    images) in about 4 minutes on two CPU cores (docs/recipes.md).
-    """
+    """`vitkit train`: a classifier, optionally distilled from a teacher. The defaults train `vit_pico_conv4_28`
+    on `mnist5k` to 98.6-99.0% test top-1 in the final evaluation (EMA weights, test-time shifts; mean 98.8%
+    over nine runs; 97.7-99.1% on the plain images) in about 4 minutes on two CPU cores (docs/recipes.md)."""
 
     linear_probe: bool = False
     """With --pretrained: train only the new classifier on frozen features (a linear probe)."""
@@ -258,13 +232,10 @@ class TrainConfig(FitConfig):
     random_erasing: float | None = None
     """Override the preset's random-erasing probability."""
     tta: bool | None = None
-    """Test-time augmentation: average the logits over the views training made the model invariant
-    to: mirrors (when training flips) and one-pixel shifts (when the in-memory loader translates).
-    Each epoch is scored with the mirrors only; the final evaluation (eval.json) with all views.
-    Default: on when training flips or translates."""
+    """Test-time augmentation, on by default when training flips or translates: average the logits over mirrors
+    and one-pixel shifts; epochs score the mirrors only, the final evaluation (eval.json) every view."""
     train_subset: float | None = None
-    """Train on part of the training split only, stratified and seeded: a fraction (< 1) or a
-    number of images (>= 1). For low-label experiments; validation is unchanged."""
+    """Train on a stratified, seeded part of the training split: a fraction (< 1) or a count (>= 1) of images."""
     distill: DistillConfig = field(default_factory=DistillConfig)
     """DeiT distillation, on with a teacher; short flags: --teacher, --teacher-weights, --distill (the kind), --alpha, --tau."""
 
@@ -287,9 +258,8 @@ class TrainConfig(FitConfig):
 
 @dataclass
 class PretrainConfig(FitConfig):
-    """`vitkit pretrain`: self-supervised pre-training, labels unused; fine-tune the run with
-    `vitkit train --pretrained RUN`. The defaults pre-train the method's pico model on mnist5k's
-    4,000 training images in a few minutes on two CPU cores (`benchmarks/pretraining.py`)."""
+    """`vitkit pretrain`: self-supervised, labels unused; fine-tune with `vitkit train --pretrained RUN`. The
+    defaults pre-train on mnist5k's 4,000 training images in minutes on two CPU cores (`benchmarks/pretraining.py`)."""
 
     method: Literal["mae", "beit"] = "mae"
     """mae: masked autoencoder (pixels); beit: masked image modeling of visual tokens."""
@@ -298,8 +268,7 @@ class PretrainConfig(FitConfig):
     clip_grad: float | None = 3.0
     """Clip the global gradient norm (3.0 as in BEiT); null disables."""
     augment: Literal["none", "light", "medium", "strong"] = "light"
-    """light: random translation (in-memory data) or random resized crop (folders), flips for
-    photos; the presets' Mixup/CutMix do not apply to pre-training."""
+    """light: translation (in memory) or random resized crop (folders), flips for photos; no Mixup/CutMix."""
     ema: float | None = None
     """Decay of a weight EMA of the encoder (saved as model_ema.safetensors); null disables."""
     val_fraction: float = 0.05
@@ -319,7 +288,7 @@ class PretrainConfig(FitConfig):
     def __post_init__(self) -> None:
         self.mae, self.beit = _sub(self.mae, MAEConfig), _sub(self.beit, BEiTConfig)
         if self.model is None and not self.pretrained:
-            self.model = DEFAULT_PRETRAIN_MODELS[self.method] if self.method in DEFAULT_PRETRAIN_MODELS else None
+            self.model = DEFAULT_PRETRAIN_MODELS.get(self.method)
         super().__post_init__()
 
 

@@ -1,8 +1,7 @@
-"""Weight EMA: an exponential moving average of the weights, kept beside the trained ones.
+"""Weight EMA: an exponential moving average of the weights (`AveragedModel`), kept beside the trained ones.
 
-Built on `torch.optim.swa_utils.AveragedModel`. The decay warms up as `min(decay, (1 + n) / (10 + n))`
-after n updates (timm and big_vision do the same), so the average follows the fast early changes
-instead of staying anchored to the random initialisation on short runs.
+Its decay warms up as `min(decay, (1 + n) / (10 + n))` after n updates (as in timm and big_vision), so on short
+runs the average follows the fast early changes instead of staying anchored to the random initialisation.
 """
 
 from __future__ import annotations
@@ -26,6 +25,4 @@ def create_ema(model: nn.Module, decay: float) -> AveragedModel:
         if pairs:
             torch._foreach_lerp_([e for e, _ in pairs], [p.to(e.dtype) for e, p in pairs], 1 - ema_decay(decay, int(num_averaged)))
 
-    ema = AveragedModel(model, multi_avg_fn=update, use_buffers=True)
-    ema.eval()
-    return ema
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True).eval()

@@ -1,7 +1,5 @@
-"""Classification evaluation: `evaluate` over a loader (with test-time views) and `evaluate_run` on a run directory.
-
-The full report (per-class metrics, confusion, calibration) is `engine.report`, beside this module.
-"""
+"""Classification evaluation: `evaluate` over a loader (with test-time views) and `evaluate_run` on a run directory;
+the full report (per-class metrics, confusion, calibration) is `engine.report`."""
 
 from __future__ import annotations
 
@@ -16,16 +14,15 @@ from torch import nn
 from ..data import FolderSplit, load_data, make_loader
 from ..data.datasets import _scan_classes
 from ..run import CURVES, RunRecord, load_run, write_eval
+from .report import split_images, write_report
 from .runtime import Runtime
 
 
 def tta_views(x: torch.Tensor, flip: bool = False, shift: int = 0) -> list[torch.Tensor]:
-    """Test-time augmentation: the image, its mirror (`flip`) and, with `shift`, the four
-    translations by that many pixels (edges replicated), and their mirrors. A model trained with
-    translation is nearly but not exactly shift-invariant; averaging its logits over the views
-    cancels part of that error (as in airbench's flip + translate TTA): +0.25 points on mnist5k,
-    averaged over 13 runs (docs/recipes.md).
-    """
+    """Test-time augmentation: the image, its mirror (`flip`) and, with `shift`, the four translations by that many
+    pixels (edges replicated), and their mirrors. A model trained with translation is nearly but not exactly
+    shift-invariant; averaging its logits over the views cancels part of that error (as airbench's flip +
+    translate TTA does): +0.25 points on mnist5k, averaged over 13 runs (docs/recipes.md)."""
     views = [x]
     if shift:
         s, (H, W) = shift, x.shape[-2:]
@@ -45,17 +42,12 @@ def describe_tta(flip: bool, shift: int) -> str:
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, loader, runtime: Runtime, *, tta_flip: bool = False, tta_shift: int = 0, return_outputs: bool = False,
-    autocast: bool = True,
-) -> dict[str, Any]:
-    """Loss, top-1 and top-5 (%) over a loader, summed over processes; optionally the logits and
-    targets too (single process). With `tta_flip` / `tta_shift`, each image is scored on the
-    average logits of its `tta_views`. `autocast=False` scores in fp32 whatever the runtime's precision.
-
-    The prediction is the mean of the model's heads (`forward_heads`); with several heads (DeiT:
-    class and distillation), each head's top-1 is reported too (`acc1_heads`).
-    """
+def evaluate(model: nn.Module, loader, runtime: Runtime, *, tta_flip: bool = False, tta_shift: int = 0,
+             return_outputs: bool = False, autocast: bool = True) -> dict[str, Any]:
+    """Loss, top-1 and top-5 (%) over a loader, summed over processes; optionally the logits and targets too (one
+    process). With `tta_flip` / `tta_shift`, each image is scored on the mean logits of its `tta_views`;
+    `autocast=False` scores in fp32. The prediction is the mean of the model's heads (`forward_heads`); with
+    several (DeiT: class and distillation), each head's top-1 too (`acc1_heads`)."""
     model.eval()
     logits, targets, heads = [], [], []
     for x, y in loader:
@@ -71,11 +63,8 @@ def evaluate(
     several = len(heads[0]) > 1
     per_head = [(torch.cat(h).argmax(1) == targets).sum().item() for h in zip(*heads)] if several else []
     loss_sum, c1, c5, n, *c_heads = runtime.sum([
-        F.cross_entropy(logits, targets, reduction="sum").item(),
-        (topk[:, 0] == targets).sum().item(),
-        (topk == targets[:, None]).any(dim=1).sum().item(),
-        len(targets),
-        *per_head,
+        F.cross_entropy(logits, targets, reduction="sum").item(), (topk[:, 0] == targets).sum().item(),
+        (topk == targets[:, None]).any(dim=1).sum().item(), len(targets), *per_head,
     ])
     result: dict[str, Any] = {"loss": loss_sum / n, "acc1": 100 * c1 / n, "acc5": 100 * c5 / n, "n": int(n)}
     if several:
@@ -87,19 +76,12 @@ def evaluate(
     return result
 
 
-def evaluate_run(
-    path: str | Path, data: str | None = None, *, batch_size: int = 256, device: str = "cpu", tta: bool | None = None,
-    weights: str = "auto", report_dir: str | Path | None = None, num_workers: int = 2,
-) -> dict[str, Any]:
-    """Top-1, top-5 and loss of a run on its validation split, or on `data`; written to RUN/eval.json.
-
-    `report_dir`: also write the full report there (per-class metrics, confusion matrix,
-    calibration, most confidently wrong images, HTML page; see `vitkit.engine.report`).
-
-    `tta` defaults to the run's setting (the views its final evaluation used). `data` may be a
-    data-set name (its test split is used) or a folder: `FOLDER/val` when present, otherwise every
-    image under `FOLDER/CLASS/`. Its class names must match the run's.
-    """
+def evaluate_run(path: str | Path, data: str | None = None, *, batch_size: int = 256, device: str = "cpu",
+                 tta: bool | None = None, weights: str = "auto", report_dir: str | Path | None = None,
+                 num_workers: int = 2) -> dict[str, Any]:
+    """Top-1, top-5 and loss of a run on its validation split, or on `data` (a data-set name: its test split; a
+    folder: `FOLDER/val`, else every image under `FOLDER/CLASS/`, with the run's classes), written to RUN/eval.json.
+    `report_dir`: also write the full report there. `tta` defaults to the views the run's final evaluation used."""
     run = load_run(path, device, weights)
     rec = run.record
     if not rec.classes:
@@ -117,13 +99,12 @@ def evaluate_run(
                          num_workers=num_workers)
     on = rec.tta if tta is None else tta
     flip, shift = (rec.tta_flip, rec.tta_shift) if on else (False, 0)
-    result = evaluate(run.model, loader, Runtime(device), tta_flip=flip, tta_shift=shift, return_outputs=report_dir is not None)
+    result = evaluate(run.model, loader, Runtime(device), tta_flip=flip, tta_shift=shift,
+                      return_outputs=report_dir is not None)
     outputs = {k: result.pop(k) for k in ("logits", "targets") if k in result}
     result = {"run": str(path), "data": source, "weights": run.weights, "tta_views": tta_view_count(flip, shift), **result}
     write_eval(path, result)
     if report_dir is not None:
-        from .report import split_images, write_report
-
         write_report(report_dir, outputs["logits"], outputs["targets"], rec.classes, images=split_images(split),
                      curves=Path(path) / CURVES, summary=result)
     return result

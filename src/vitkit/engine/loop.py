@@ -1,14 +1,10 @@
 """The one training loop: `fit` runs any objective (classify, distill, mae, beit) with the same engine.
 
-`fit` sets a run up (`setup`), then alternates `train_one_epoch` and the objective's evaluation,
-saving the run directory after every epoch. Gradient accumulation, weight EMA, `torch.compile`,
-gradient checkpointing, non-finite-step skipping, torchrun, exact resume, progress bars and
-throughput work the same for every objective. Device, precision and processes are `Runtime`'s.
-"""
+`fit` sets a run up (`setup`), then alternates `train_one_epoch` and the objective's evaluation, saving the run
+directory every epoch; accumulation, EMA, compile, skipping non-finite steps, torchrun and resume are shared."""
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import time
@@ -35,6 +31,7 @@ from .ema import create_ema
 from .evaluate import tta_view_count
 from .objectives import Context, Objective, objective_class
 from .optim import create_optimizer, set_lr, warmup_cosine
+from .report import _png, _pyplot
 from .runtime import Runtime
 
 
@@ -66,12 +63,9 @@ class Session:
 
 
 def train_one_epoch(s: Session, epoch: int, train_model: nn.Module) -> dict[str, float]:
-    """One pass over the training loader; an optimizer step every `accum_steps` batches.
-
-    `train_model` is the objective, possibly wrapped (DDP, torch.compile). A step whose loss is
-    NaN/inf on any process is skipped while the run's count stays within `skip_nonfinite`; past
-    that the run stops, the last checkpoint intact.
-    """
+    """One pass over the loader, an optimizer step every `accum_steps` batches, of the objective `train_model`
+    (maybe wrapped: DDP, torch.compile). A step with a NaN/inf loss on any process is skipped while the run's
+    count stays within `skip_nonfinite`; past that the run stops, the last checkpoint intact."""
     cfg, runtime, optimizer = s.cfg, s.runtime, s.optimizer
     train_model.train()
     accum, first_step = cfg.accum_steps, epoch * s.steps_per_epoch
@@ -129,8 +123,7 @@ def _skip_or_stop(loss: torch.Tensor, step: int, epoch: int, count: int, allowed
 
 
 def fit(cfg: FitConfig) -> Path:
-    """Train (or resume) a run of any objective and return its directory. Under torchrun, every
-    process calls this; only the first writes the run directory."""
+    """Train or resume a run and return its directory (under torchrun every process calls it, the first writes)."""
     s = setup(cfg)
     train_model = s.runtime.wrap(s.objective)
     if s.cfg.compile:
@@ -196,22 +189,17 @@ _SUMMARY = [("train_loss", "train loss {:.4f}"), ("train_acc1", "acc {:.2f}%"), 
 
 def epoch_summary(row: dict[str, Any]) -> str:
     """One line of an epoch's metrics: whichever of the known ones the objective logged."""
-    parts = [fmt.format(row[k]) for k, fmt in _SUMMARY if k in row and not (k == "val_loss_ema" and "val_acc1_ema" in row)]
-    return " ".join(parts)
+    skip = "val_loss_ema" if "val_acc1_ema" in row else None
+    return " ".join(fmt.format(row[k]) for k, fmt in _SUMMARY if k in row and k != skip)
 
 
 def plot_curves(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     """Loss per epoch (train, validation, EMA) and, for classifiers, accuracy, as `curves.png`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [("loss", ("train_loss", "val_loss", "val_loss_ema"))]
     if "val_acc1" in rows[-1] or "train_acc1" in rows[-1]:
         panels.append(("top-1 (%)", ("train_acc1", "val_acc1", "val_acc1_ema")))
     ep = [r["epoch"] + 1 for r in rows]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    fig, axes = _pyplot().subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels):
         for k in keys:
             if all(k in r for r in rows):
@@ -221,22 +209,17 @@ def plot_curves(run_dir: Path, rows: list[dict[str, Any]]) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(run_dir / CURVES, buf.getvalue())
+    atomic_write(run_dir / CURVES, _png(fig, bbox_inches=None))
 
 
 # -- setting a run up ------------------------------------------------------------------------------
-
-
 def setup(cfg: FitConfig) -> Session:
     """Resolve the config, read the data, build the model and its objective, write the run record
     (a new run) or restore the checkpoint (`--resume`); with a time budget, plan the run's length."""
     started = time.perf_counter()
     cfg, resume_state = _resumed(cfg)
     kind = objective_class(cfg.objective_name)
-    cfg = _resolve_model(cfg, kind)
+    cfg = _resolve_model(cfg)
     _check_model(cfg, kind)
     data = _load(cfg, kind)
     model, img_size, model_args = _build_model(cfg, kind, data)
@@ -279,11 +262,10 @@ def _resumed(cfg: FitConfig) -> tuple[FitConfig, dict | None]:
     if not cfg.resume:
         return cfg, None
     run_dir = Path(cfg.resume)
-    record = RunRecord.read(run_dir)
-    return replace(config_from_dict(record.settings), resume=str(run_dir)), load_resume_state(run_dir)
+    return replace(config_from_dict(RunRecord.read(run_dir).settings), resume=str(run_dir)), load_resume_state(run_dir)
 
 
-def _resolve_model(cfg: FitConfig, kind: type[Objective]) -> FitConfig:
+def _resolve_model(cfg: FitConfig) -> FitConfig:
     """Fill in the model: the --pretrained run's (with its architecture overrides), else the default."""
     if cfg.model is not None:
         return cfg
@@ -301,8 +283,7 @@ def _resolve_model(cfg: FitConfig, kind: type[Objective]) -> FitConfig:
 
 
 def _check_model(cfg: FitConfig, kind: type[Objective]) -> None:
-    """Fail on a bad model name, override or image size, or a backbone the objective cannot use,
-    before any data is read (the model is built on the meta device: no memory, no arithmetic)."""
+    """Fail on a bad model, override, image size or backbone before any data is read (built on the meta device)."""
     size = {"img_size": cfg.img_size} if cfg.img_size else {}
     model_config(cfg.model, **cfg.model_args, **size)
     if kind.requires is not None:
@@ -336,9 +317,8 @@ def _build_model(cfg: FitConfig, kind: type[Objective], data) -> tuple[nn.Module
 
 
 def _data_size(cfg: FitConfig, data) -> int | tuple[int, int]:
-    """The input size without --img-size: the model's default, or the data's own when its images
-    are smaller (a folder of 32 px photos trains at 32 px, not 224), at least `MIN_DATA_SIZE` and
-    rounded up to a size the model takes (a multiple of its patch). Said in one line."""
+    """Without --img-size: the model's default, or the data's own size when smaller (32 px photos train at 32 px,
+    not 224), at least `MIN_DATA_SIZE` and rounded up to a size the model takes; said in one line."""
     default = get_model_entry(cfg.model).config.img_size
     side = default if isinstance(default, int) else max(default)
     if data.native_size is None or max(data.native_size) >= side:
@@ -356,8 +336,7 @@ def _data_size(cfg: FitConfig, data) -> int | tuple[int, int]:
 
 
 def _tta(cfg: FitConfig, kind: type[Objective], hflip: bool, translates: bool) -> tuple[bool, int]:
-    """Test-time views are those training made the model invariant to: mirrors where it flips, and
-    one-pixel shifts where the in-memory loader translates (classifiers only)."""
+    """Classifiers' test-time views: mirrors where training flips, one-pixel shifts where the loader translates."""
     if not kind.classifier:
         return False, 0
     tta = (hflip or translates) if getattr(cfg, "tta", None) is None else cfg.tta
@@ -425,8 +404,8 @@ def _announce(s: Session, data, img_size: tuple[int, int]) -> None:
 
 
 def _normalization(cfg: FitConfig, entry, data) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Fine-tuning keeps the normalisation the weights were trained with (a vitkit run's own, or
-    the registry's for foreign weights); from scratch, the data's statistics."""
+    """Fine-tuning keeps the normalisation the weights were trained with (a vitkit run's own, or the
+    registry's for foreign weights); from scratch, the data's statistics."""
     if cfg.pretrained:
         pre = Path(cfg.pretrained)
         if (pre / CONFIG).exists():
@@ -444,6 +423,5 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
-    """`vitkit pretrain`: self-supervised pre-training (`cfg.method`: mae or beit); its
-    `model.safetensors` holds the backbone in the classifier's names, for `vitkit train --pretrained RUN`."""
+    """`vitkit pretrain` (`cfg.method`: mae, beit); model.safetensors holds the backbone for `train --pretrained`."""
     return fit(cfg)

@@ -11,13 +11,9 @@ from ..models.contract import transformer_block_names
 
 
 def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
-    """Each parameter's depth for layer-wise lr decay, and the number of blocks L.
-
-    Blocks are the model's `transformer_block_names` (timm's naming), in forward order. Depth 0: the stem and embeddings (parameters
-    before the first block); i: the i-th block; parameters between blocks (Swin patch merging, a CvT
-    stage's embedding) go with the next block; parameters after the last block (final norm, head) get
-    L + 1.
-    """
+    """Each parameter's depth for layer-wise lr decay, and the number of blocks L (`transformer_block_names`, in
+    forward order). Depth 0: stem and embeddings; i: the i-th block; parameters between blocks (Swin patch merging,
+    a CvT stage's embedding) go with the next block; those after the last (final norm, head) get L + 1."""
     index = {b + ".": i + 1 for i, b in enumerate(transformer_block_names(model))}
     L, ids, current = len(index), {}, 0
     for n, _ in model.named_parameters():
@@ -31,12 +27,9 @@ def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
-    """AdamW groups: decayed weights and the rest (norms, biases, position embeddings, tokens),
-    each split by depth when `layer_decay < 1` (`lr_scale` = layer_decay ** (L + 1 - depth)).
-
-    Decaying a LayerNorm gain or a position table pulls it towards zero for no benefit; the
-    model names its own exemptions through `no_weight_decay()`.
-    """
+    """AdamW groups: decayed weights and the rest (norms, biases, position embeddings, tokens: decay would pull
+    them to zero for no benefit; the model names its own in `no_weight_decay()`), each split by depth when
+    `layer_decay < 1` (`lr_scale` = layer_decay ** (L + 1 - depth))."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     ids, L = layer_ids(model) if layer_decay < 1 else ({}, 0)
     if L == 0:  # no transformer blocks (a CNN teacher): nothing to decay by depth

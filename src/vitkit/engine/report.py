@@ -1,5 +1,4 @@
-"""The evaluation report: per-class metrics, confusion matrix, calibration and the most confidently
-wrong images, written as JSON, PNGs and one self-contained HTML page.
+"""The evaluation report, written as JSON, PNGs and one self-contained HTML page.
 
     OUT/
       report.json                 every number below
@@ -8,9 +7,8 @@ wrong images, written as JSON, PNGs and one self-contained HTML page.
       most_confident_wrong.png    the wrong predictions the model was surest of
       report.html                 all of it with the run's training curves, images inlined
 
-Calibration follows Guo et al. 2017 ("On Calibration of Modern Neural Networks"): predictions are
-binned by confidence (the top softmax probability) into equal-width bins `(lo, hi]`;
-ECE = sum_b (n_b / n) * |accuracy_b - confidence_b|.
+Calibration follows Guo et al. 2017: predictions are binned by confidence (the top softmax
+probability) into equal-width bins `(lo, hi]`; ECE = sum_b (n_b / n) * |accuracy_b - confidence_b|.
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..preprocess import load_image
 from ..run import atomic_write
 
 REPORT_JSON = "report.json"
@@ -44,17 +43,13 @@ def calibration_bins(confidences: torch.Tensor, correct: torch.Tensor, n_bins: i
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     conf, ok = confidences.double().flatten(), correct.double().flatten()
-    # Bin b holds (b/n, (b+1)/n]: ceil(conf * n) - 1, with conf = 0 in the first bin.
-    idx = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
+    idx = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()  # bin b holds (b/n, (b+1)/n]; 0 in the first
     bins = []
     for b in range(n_bins):
         sel = idx == b
         n = int(sel.sum())
-        bins.append({
-            "lo": b / n_bins, "hi": (b + 1) / n_bins, "count": n,
-            "accuracy": float(ok[sel].mean()) if n else 0.0,
-            "confidence": float(conf[sel].mean()) if n else 0.0,
-        })
+        acc, mean_conf = (float(ok[sel].mean()), float(conf[sel].mean())) if n else (0.0, 0.0)
+        bins.append({"lo": b / n_bins, "hi": (b + 1) / n_bins, "count": n, "accuracy": acc, "confidence": mean_conf})
     return bins
 
 
@@ -67,11 +62,9 @@ def expected_calibration_error(confidences: torch.Tensor, correct: torch.Tensor,
     return sum(b["count"] / n * abs(b["accuracy"] - b["confidence"]) for b in bins)
 
 
-def classification_report(
-    logits: torch.Tensor, targets: torch.Tensor, classes: list[str], *, n_bins: int = 15, n_confused: int = 20
-) -> dict[str, Any]:
-    """Top-1/top-5/loss, per-class precision/recall/F1/support (scikit-learn), the confusion
-    matrix, the most confused pairs and calibration, from logits `(N, K)` and targets `(N,)`."""
+def classification_report(logits: torch.Tensor, targets: torch.Tensor, classes: list[str], *, n_bins: int = 15,
+                          n_confused: int = 20) -> dict[str, Any]:
+    """Top-1/top-5/loss, per-class precision/recall/F1/support, the confusion matrix, confused pairs, calibration."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     logits, targets = logits.float().cpu(), targets.long().cpu()
@@ -95,39 +88,26 @@ def classification_report(
     for avg in ("macro", "weighted"):
         ap, ar, af, _ = precision_recall_fscore_support(y, p, labels=labels, average=avg, zero_division=0)
         summary.update({f"{avg}_precision": float(ap), f"{avg}_recall": float(ar), f"{avg}_f1": float(af)})
-    per_class = [
-        {"class": c, "precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]), "support": int(sup[i])}
-        for i, c in enumerate(classes)
-    ]
+    per_class = [{"class": c, "precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
+                  "support": int(sup[i])} for i, c in enumerate(classes)]
     off = cm.copy()
     np.fill_diagonal(off, 0)
     pairs = sorted(zip(*np.nonzero(off)), key=lambda ij: (-off[ij], ij))[:n_confused]
-    confused = [
-        {"true": classes[i], "pred": classes[j], "count": int(off[i, j]), "rate": float(off[i, j] / cm[i].sum())}
-        for i, j in pairs
-    ]
-    return {
-        "summary": summary,
-        "per_class": per_class,
-        "confusion_matrix": cm.tolist(),
-        "most_confused": confused,
-        "calibration": {
-            "n_bins": n_bins, "ece": summary["ece"], "bins": calibration_bins(conf, pred == targets, n_bins)
-        },
-    }
+    confused = [{"true": classes[i], "pred": classes[j], "count": int(off[i, j]),
+                 "rate": float(off[i, j] / cm[i].sum())} for i, j in pairs]
+    calibration = {"n_bins": n_bins, "ece": summary["ece"], "bins": calibration_bins(conf, pred == targets, n_bins)}
+    return {"summary": summary, "per_class": per_class, "confusion_matrix": cm.tolist(), "most_confused": confused,
+            "calibration": calibration}
 
 
-def most_confident_wrong(
-    logits: torch.Tensor, targets: torch.Tensor, classes: list[str], k: int = 16
-) -> list[dict[str, Any]]:
+def most_confident_wrong(logits: torch.Tensor, targets: torch.Tensor, classes: list[str],
+                         k: int = 16) -> list[dict[str, Any]]:
     """The `k` wrong predictions with the highest confidence: dataset index, true and predicted class."""
     conf, pred = logits.float().softmax(dim=1).max(dim=1)
     wrong = (pred != targets).nonzero().squeeze(1)
     order = wrong[conf[wrong].argsort(descending=True)][:k]
-    return [
-        {"index": int(i), "true": classes[int(targets[i])], "pred": classes[int(pred[i])], "confidence": float(conf[i])}
-        for i in order
-    ]
+    return [{"index": int(i), "true": classes[int(targets[i])], "pred": classes[int(pred[i])],
+             "confidence": float(conf[i])} for i in order]
 
 
 # -- pictures -----------------------------------------------------------------------------------
@@ -140,22 +120,17 @@ def _pyplot():
     return plt
 
 
-def _png(fig, dpi: int = 100) -> bytes:
-    plt = _pyplot()
+def _png(fig, bbox_inches: str | None = "tight") -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    fig.savefig(buf, format="png", dpi=100, bbox_inches=bbox_inches)
+    _pyplot().close(fig)
     return buf.getvalue()
 
 
 def plot_confusion_matrix(cm: np.ndarray | list, classes: list[str]) -> bytes:
-    """Row-normalised confusion matrix as a PNG, readable up to a few hundred classes.
-
-    The figure grows with the class count so every class keeps a labelled row and column; a
-    square-root colour scale keeps rare confusions visible next to a bright diagonal; cells carry
-    their percentage up to 20 classes; beyond that, faint lines every 10 classes guide the eye and
-    only the largest confusions (>= 5% of a class) are numbered, in red.
-    """
+    """Row-normalised confusion matrix as a PNG, readable up to a few hundred classes: the figure grows with
+    the class count, a square-root colour scale keeps rare confusions visible next to a bright diagonal; up to
+    20 classes cells carry their percentage, beyond that lines every 10 classes guide the eye."""
     from matplotlib.colors import PowerNorm
 
     plt = _pyplot()
@@ -169,21 +144,18 @@ def plot_confusion_matrix(cm: np.ndarray | list, classes: list[str]) -> bytes:
     names = [c if len(c) <= 18 else c[:17] + "…" for c in classes]
     ax.set_xticks(range(K), names, rotation=90, fontsize=font)
     ax.set_yticks(range(K), names, fontsize=font)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
+    ax.set(xlabel="predicted class", ylabel="true class")
     acc = np.trace(cm) / max(1, cm.sum())
     ax.set_title(f"Confusion matrix, rows normalised ({int(cm.sum())} images, top-1 {100 * acc:.1f}%)")
     if K <= 20:
-        for i in range(K):
-            for j in range(K):
-                if cm[i, j]:
-                    ax.text(j, i, f"{100 * rates[i, j]:.0f}", ha="center", va="center", fontsize=font,
-                            color="white" if rates[i, j] > 0.5 else "black")
+        for i, j in zip(*np.nonzero(cm)):
+            ax.text(j, i, f"{100 * rates[i, j]:.0f}", ha="center", va="center", fontsize=font,
+                    color="white" if rates[i, j] > 0.5 else "black")
     else:
         for t in range(10, K, 10):
             ax.axhline(t - 0.5, color="0.8", lw=0.4)
             ax.axvline(t - 0.5, color="0.8", lw=0.4)
-        # Too many cells to number them all: number the largest confusions, which are what one looks for.
+        # Too many cells to number them all: number the largest confusions (>= 5% of a class), in red.
         off = np.where(np.eye(K, dtype=bool), 0, rates)
         for flat in np.argsort(off, axis=None)[::-1][:3 * K // 10]:
             i, j = divmod(int(flat), K)
@@ -197,11 +169,8 @@ def plot_reliability(calibration: dict[str, Any]) -> bytes:
     """Reliability diagram (accuracy per confidence bin against the diagonal) over a histogram of confidences."""
     plt = _pyplot()
     bins = calibration["bins"]
-    lo = np.array([b["lo"] for b in bins])
+    lo, acc, conf, count = (np.array([b[k] for b in bins]) for k in ("lo", "accuracy", "confidence", "count"))
     width = bins[0]["hi"] - bins[0]["lo"]
-    acc = np.array([b["accuracy"] for b in bins])
-    conf = np.array([b["confidence"] for b in bins])
-    count = np.array([b["count"] for b in bins])
     fig, (a, h) = plt.subplots(2, 1, figsize=(4.6, 5.6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     has = count > 0
     a.bar(lo[has], acc[has], width=width, align="edge", color="tab:blue", edgecolor="k", lw=0.5, label="accuracy")
@@ -239,18 +208,13 @@ def plot_wrong(items: list[dict[str, Any]], images: ImageGetter) -> bytes:
 
 def split_images(split: Any) -> ImageGetter:
     """Image `i` of a data split (`TensorSplit` or `FolderSplit`), as the person would see it."""
-    if hasattr(split, "images"):
-        def tensor_image(i: int) -> np.ndarray:
-            x = split.images[i].numpy()  # (C, H, W) uint8
-            return x[0] if x.shape[0] == 1 else x[:3].transpose(1, 2, 0)
+    def image(i: int) -> np.ndarray:
+        if not hasattr(split, "images"):
+            return np.asarray(load_image(split.files[i], split.mode))
+        x = split.images[i].numpy()  # (C, H, W) uint8
+        return x[0] if x.shape[0] == 1 else x[:3].transpose(1, 2, 0)
 
-        return tensor_image
-    from ..preprocess import load_image
-
-    def file_image(i: int) -> np.ndarray:
-        return np.asarray(load_image(split.files[i], split.mode))
-
-    return file_image
+    return image
 
 
 # -- the page -----------------------------------------------------------------------------------
@@ -309,33 +273,19 @@ img {{ max-width: 100%; height: auto; }}
 """
 
 
-def write_report(
-    out_dir: str | Path,
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    classes: list[str],
-    *,
-    images: ImageGetter | None = None,
-    curves: str | Path | None = None,
-    summary: dict[str, Any] | None = None,
-    n_wrong: int = 16,
-    n_bins: int = 15,
-) -> dict[str, Any]:
-    """Write `report.json`, the PNGs and `report.html` to `out_dir`; return the report.
-
-    images: dataset index -> picture, for the grid of wrong predictions (skipped without it).
-    curves: the run's `curves.png`, embedded in the page when it exists.
-    summary: values that take precedence in the summary (run, data, and `evaluate`'s numbers).
-    """
+def write_report(out_dir: str | Path, logits: torch.Tensor, targets: torch.Tensor, classes: list[str], *,
+                 images: ImageGetter | None = None, curves: str | Path | None = None,
+                 summary: dict[str, Any] | None = None, n_wrong: int = 16, n_bins: int = 15) -> dict[str, Any]:
+    """Write `report.json`, the PNGs and `report.html` to `out_dir`; return the report. images: dataset index ->
+    picture, for the grid of wrong predictions (none without); curves: the run's `curves.png`, embedded when it
+    exists; summary: values that take precedence in the summary (run, data, and `evaluate`'s numbers)."""
     out = Path(out_dir)
     report = classification_report(logits, targets, classes, n_bins=n_bins)
     report["summary"].update(summary or {})
     wrong = most_confident_wrong(logits, targets, classes, n_wrong)
     report["most_confident_wrong"] = wrong
-    pngs = {
-        CONFUSION_PNG: plot_confusion_matrix(report["confusion_matrix"], classes),
-        RELIABILITY_PNG: plot_reliability(report["calibration"]),
-    }
+    pngs = {CONFUSION_PNG: plot_confusion_matrix(report["confusion_matrix"], classes),
+            RELIABILITY_PNG: plot_reliability(report["calibration"])}
     if images is not None:
         pngs[WRONG_PNG] = plot_wrong(wrong, images)
     curves_png = Path(curves).read_bytes() if curves is not None and Path(curves).is_file() else None

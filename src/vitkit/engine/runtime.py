@@ -12,6 +12,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..run import resolve_device
+
 
 def has_depthwise_conv(model: nn.Module) -> bool:
     """True for models with grouped convolutions (CvT's depthwise projections)."""
@@ -26,14 +28,9 @@ def cpu_has_bf16() -> bool:
 
 
 def auto_precision(device: torch.device | str, model: nn.Module | None = None) -> str:
-    """The precision `--precision auto` picks: bf16 on GPUs that support it and on CPUs with bf16
-    instructions, except for models with depthwise convolutions on the CPU; fp32 otherwise.
-
-    Measured per training step on a 2-core AVX-512-bf16 CPU (docs/recipes.md): bf16 is 1.3-1.9x
-    as fast as fp32 for every ViT and Swin measured, from 0.3M to 22M parameters (attention in bf16
-    runs as explicit matrix products, `layers.attention`), but 0.7x for CvT, whose depthwise
-    convolutions run slower in bf16 on the CPU.
-    """
+    """`--precision auto`: bf16 on GPUs that support it and on CPUs with bf16 instructions, else fp32. Per training
+    step on a 2-core AVX-512-bf16 CPU (docs/recipes.md), bf16 ran 1.3-1.9x as fast as fp32 for every ViT and Swin
+    from 0.3M to 22M parameters (`layers.attention`), but 0.7x for CvT: depthwise-conv models get fp32 on CPUs."""
     device = torch.device(device)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
@@ -48,18 +45,12 @@ _allocator_tuned: bool | None = None
 def keep_freed_memory() -> bool:
     """Have glibc keep freed memory for reuse instead of handing it back to the kernel; True if done.
 
-    Why: glibc serves each block above its mmap threshold (32 MB at most) with fresh pages from the
-    kernel and unmaps it on free, so every large activation of every step is page-faulted and
-    zeroed again - about 600,000 page faults and 1 s of system time per ViT-B/16 inference batch
-    of 32 on the 2-core machine of docs/benchmark.md. With mmap off for the heap and no trimming,
-    freed blocks are reused: ViT-B/16 inference ran 1.10x and a ViT-S/16 training step (batch 64)
-    1.05-1.11x as fast (fp32). The cost: the process keeps its peak memory until it exits (a ViT-S
-    training process peaked 6.5% higher, 5.6 vs 5.2 GB, over batches of varying size), as PyTorch's
-    caching allocator does on GPUs and as the jemalloc/tcmalloc set-ups of CPU tuning guides do.
-
-    Called once per process by every CPU `Runtime`; `VITKIT_CPU_ALLOCATOR=system` (instead of the
-    default `keep`) leaves glibc's defaults. Does nothing on other C libraries.
-    """
+    glibc serves each block above its mmap threshold (32 MB at most) with fresh pages and unmaps it on free:
+    ~600,000 page faults and 1 s of system time per ViT-B/16 inference batch of 32 on the 2-core machine of
+    docs/benchmark.md. With mmap off and no trimming, ViT-B/16 inference ran 1.10x and a ViT-S/16 training step
+    (batch 64) 1.05-1.11x as fast (fp32), for a peak memory kept until exit (6.5% higher, 5.6 vs 5.2 GB, for
+    ViT-S training), as PyTorch's CUDA allocator and jemalloc/tcmalloc set-ups do. Called by every CPU
+    `Runtime`; `VITKIT_CPU_ALLOCATOR=system` (default `keep`) leaves glibc's defaults."""
     global _allocator_tuned
     choice = os.environ.get("VITKIT_CPU_ALLOCATOR", "keep")
     if choice not in ("keep", "system"):
@@ -77,37 +68,24 @@ def keep_freed_memory() -> bool:
 
 def torchrun_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) as set by torchrun; (0, 1, 0) outside it."""
-    env = os.environ
-    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
 class Runtime:
     """Where tensors live, how the forward/backward pass runs, and how processes cooperate.
 
-    Precision:
-    - `auto`: `auto_precision(device, model)`.
-    - `fp32`: plain.
-    - `bf16`: autocast to bfloat16 (CPU with bf16 instructions, or CUDA); no scaler is needed
-      because bf16 has fp32's exponent range.
-    - `fp16`: CUDA autocast with a gradient scaler, which multiplies the loss so small gradients
-      do not underflow, and skips steps whose gradients overflowed.
-
-    Distribution (`distributed=True` under torchrun, i.e. WORLD_SIZE > 1): one process per device;
-    nccl on GPUs (process i uses cuda:LOCAL_RANK), gloo on CPUs. `wrap` returns the model in
-    DistributedDataParallel, which averages gradients over processes during backward.
+    Precision: `auto` is `auto_precision(device, model)`; `fp32` plain; `bf16` autocast (CPU with bf16
+    instructions, or CUDA), no scaler needed (bf16 has fp32's exponent range); `fp16` CUDA autocast with a
+    gradient scaler, which scales the loss so small gradients do not underflow and skips overflowed steps.
+    `distributed=True` under torchrun: one process per device (cuda:LOCAL_RANK with nccl, or gloo on CPUs).
     """
 
-    def __init__(
-        self, device: str = "auto", precision: str = "fp32", model: nn.Module | None = None, *, distributed: bool = False
-    ) -> None:
+    def __init__(self, device: str = "auto", precision: str = "fp32", model: nn.Module | None = None, *,
+                 distributed: bool = False) -> None:
         self.rank, self.world_size, local_rank = torchrun_env() if distributed else (0, 1, 0)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         if self.device.type == "cpu":
             keep_freed_memory()
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} was asked for, but CUDA is not available")
         if self.world_size > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
@@ -140,8 +118,7 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def to(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        non_blocking = self.device.type == "cuda"
-        return tuple(t.to(self.device, non_blocking=non_blocking) for t in tensors)
+        return tuple(t.to(self.device, non_blocking=self.device.type == "cuda") for t in tensors)
 
     def no_sync(self, model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
         """Skip DDP's gradient all-reduce on the micro-batches of an accumulation that are not its last."""

@@ -1,15 +1,12 @@
-"""What a run optimises: small plug-ins around an unchanged backbone, run by the one loop in `engine.loop`.
-
-Each objective is an `nn.Module` that owns its extra modules (a decoder, a tokenizer, a teacher),
-its loss, what it logs and how it is evaluated:
+"""What a run optimises: `nn.Module` plug-ins around an unchanged backbone, run by the one loop in `engine.loop`,
+each owning its extra modules (decoder, tokenizer, teacher), loss, logs and evaluation:
 
     classify.py  cross-entropy with label smoothing and Mixup/CutMix
     distill.py   DeiT distillation: classification plus a frozen teacher's hard or soft targets
     mae.py       masked autoencoder: pixels of masked patches
     beit.py      BEiT masked image modeling: visual tokens of masked patches (tokenizer.py)
 
-The loop asks an objective for a loss and logs what it returns; it never branches on which
-objective it runs. A new objective is a file here and a line in `OBJECTIVES`.
+The loop never branches on which objective it runs; a new objective is a file here and a line in `objective_class`.
 """
 
 from __future__ import annotations
@@ -21,6 +18,8 @@ from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import nn
+
+from ...models import implements
 
 
 @dataclass
@@ -40,11 +39,8 @@ class Context:
 
 
 class Objective(nn.Module):
-    """A loss around a backbone (`self.model`, a `VisionModel`).
-
-    Class attributes tell the loop how to set the run up: whether the data needs labels, whether
-    the backbone keeps a classifier for the data's classes, and build-only model arguments.
-    """
+    """A loss around a backbone (`self.model`, a `VisionModel`). Class attributes tell the loop how to set the run
+    up: whether the data needs labels, whether the backbone keeps a classifier, and build-only model arguments."""
 
     name: ClassVar[str]
     title: ClassVar[str] = "training"
@@ -66,8 +62,6 @@ class Objective(nn.Module):
     @classmethod
     def check_backbone(cls, model: nn.Module, name: str) -> None:
         """Refuse, in one line, a backbone without the capability this objective needs."""
-        from ...models import implements
-
         if cls.requires is not None and not implements(model, cls.requires[0]):
             raise ValueError(f"{cls.name} needs {cls.requires[1]}; {name} is not one")
 
@@ -106,8 +100,7 @@ class Objective(nn.Module):
     @contextlib.contextmanager
     def using(self, model: nn.Module) -> Iterator[Objective]:
         """The objective around another copy of the backbone (the EMA weights), for evaluation."""
-        own = self.model
-        self.model = model
+        own, self.model = self.model, model
         try:
             yield self
         finally:

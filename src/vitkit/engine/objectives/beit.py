@@ -1,10 +1,8 @@
 """BEiT masked image modeling (Bao et al. 2022, "BEiT: BERT Pre-Training of Image Transformers").
 
-About 40% of the patches, in blocks, are replaced by a learned [MASK] embedding at the input of a
-backbone whose family implements the contract's `forward_masked` (BEiT); a linear head on its
-output predicts, for each masked patch, the discrete visual token a tokenizer assigns to the
-uncorrupted patch (sec. 2.3). The objective owns the masking, the tokenizer (tokenizer.py), the head
-and the loss; the backbone is unchanged.
+About 40% of the patches, in blocks, are replaced by a learned [MASK] embedding at the input of a backbone whose
+family implements the contract's `forward_masked`; a linear head predicts, for each masked patch, the visual token
+a tokenizer (tokenizer.py) assigns to the uncorrupted patch (sec. 2.3). The backbone is unchanged.
 """
 
 from __future__ import annotations
@@ -15,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...data import make_loader
 from . import Context
 from .masking import BlockwiseMaskGenerator, MaskedImageModeling, MaskedOutput, freeze_unused
 from .tokenizer import build_kmeans_tokenizer, load_tokenizer
@@ -24,11 +23,7 @@ TOKENIZER = "tokenizer.safetensors"
 
 
 class BeitMIM(MaskedImageModeling):
-    """Masked image modeling around a backbone built with `use_mask_token=True`.
-
-    `mean`, `std`: the data normalisation of the images the loop feeds in; the tokenizer gets the
-    pixels back in [0, 1].
-    """
+    """Masked image modeling around a backbone with a [MASK] embedding; `mean`, `std`: the input's normalisation."""
 
     name = "beit"
     title = "pre-training (BEiT)"
@@ -36,15 +31,8 @@ class BeitMIM(MaskedImageModeling):
     picture = "beit_masks.png"
     build_args = {"use_mask_token": True}
 
-    def __init__(
-        self,
-        encoder: nn.Module,
-        tokenizer: nn.Module,
-        *,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        mask_ratio: float = 0.4,
-    ) -> None:
+    def __init__(self, encoder: nn.Module, tokenizer: nn.Module, *, mean: tuple[float, ...], std: tuple[float, ...],
+                 mask_ratio: float = 0.4) -> None:
         self.check_backbone(encoder, type(encoder).__name__)
         if encoder.mask_token is None:
             raise ValueError("BEiT pre-training needs the model built with use_mask_token=True (its [MASK] embedding)")
@@ -52,8 +40,7 @@ class BeitMIM(MaskedImageModeling):
         self.tokenizer, self.mask_ratio = tokenizer.eval(), mask_ratio
         tokenizer.requires_grad_(False)
         freeze_unused(encoder, UNUSED_BACKBONE)
-        self.patch = tuple(encoder.patch_embed.reduction)
-        self.vocab_size = tokenizer.vocab_size
+        self.patch, self.vocab_size = tuple(encoder.patch_embed.reduction), tokenizer.vocab_size
         D = encoder.num_features
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.lm_head = nn.Linear(D, self.vocab_size)
@@ -107,7 +94,7 @@ class BeitMIM(MaskedImageModeling):
         return MaskedOutput(self.forward_loss(logits, tokens, mask), logits, mask, tokens)
 
     def picture_rows(self, imgs: torch.Tensor, pixels: torch.Tensor, out: MaskedOutput) -> list[torch.Tensor]:
-        """With a tokenizer that decodes (k-means): the image's visual tokens, and the predicted ones at the masked patches."""
+        """With a tokenizer that decodes (k-means): the visual tokens, and the predicted ones at masked patches."""
         if not hasattr(self.tokenizer, "decode"):
             return []
         predicted = torch.where(out.mask, out.pred.argmax(-1), out.target)
@@ -116,8 +103,6 @@ class BeitMIM(MaskedImageModeling):
 
 def _pixels(ctx: Context, count: int) -> torch.Tensor:
     """Up to `count` training images `(M, C, H, W)` in [0, 1], unaugmented."""
-    from ...data import make_loader
-
     args = {**ctx.loader_args, "batch_size": 256, "rank": 0, "world_size": 1}
     m, s = torch.tensor(ctx.mean).view(1, -1, 1, 1), torch.tensor(ctx.std).view(1, -1, 1, 1)
     chunks, n = [], 0
@@ -130,8 +115,7 @@ def _pixels(ctx: Context, count: int) -> torch.Tensor:
 
 
 def _tokenizer(c, patch: tuple[int, int], ctx: Context) -> nn.Module:
-    """BEiT's tokenizer: a file, the run's own k-means codebook when resuming, else a new one
-    (every process builds the same from the same images and seed; the main one saves it)."""
+    """BEiT's tokenizer: a file, the run's own k-means codebook when resuming, else a new one (the same everywhere)."""
     if c.tokenizer != "kmeans":
         return load_tokenizer(c.tokenizer, c.vocab_size)
     path = Path(ctx.run_dir) / TOKENIZER

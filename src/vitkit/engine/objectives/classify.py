@@ -13,12 +13,10 @@ from ..evaluate import describe_tta, evaluate, tta_view_count
 from . import Context, Objective
 
 
-def classification_loss(outputs: torch.Tensor | tuple[torch.Tensor, ...], targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy in fp32; a model with several heads (DeiT) trains each on the labels, averaged.
-
-    `targets` are class indices, or probability vectors after Mixup/CutMix (soft-target
-    cross-entropy; label smoothing applies on top).
-    """
+def classification_loss(outputs: torch.Tensor | tuple[torch.Tensor, ...], targets: torch.Tensor,
+                        label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy in fp32, averaged over a model's heads (DeiT), each trained on the labels: class indices, or
+    probability vectors after Mixup/CutMix (soft-target cross-entropy; label smoothing applies on top)."""
     outs = outputs if isinstance(outputs, tuple) else (outputs,)
     return sum(F.cross_entropy(o.float(), targets, label_smoothing=label_smoothing) for o in outs) / len(outs)
 
@@ -28,8 +26,7 @@ def mean_logits(outputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tenso
 
 
 class Classify(Objective):
-    """A classifier trained on labels: every head on the (mixed) targets; evaluated on top-1/top-5,
-    each epoch with mirrored views, at the end with every test-time view in fp32 (eval.json)."""
+    """Every head on the (mixed) labels; top-1/top-5 each epoch on mirrors, at the end on every view in fp32."""
 
     name = "classify"
 
@@ -59,9 +56,7 @@ class Classify(Objective):
         return classification_loss(outputs, targets, self.label_smoothing)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        targets = y
-        if self.mix is not None:
-            x, targets = self.mix(x, y)  # the teacher of `Distill` sees the same mixed images
+        x, targets = (x, y) if self.mix is None else self.mix(x, y)  # the teacher of `Distill` sees the mixed x
         out = self.model(x)
         correct = (mean_logits(out).detach().argmax(-1) == y).float().mean()
         return self.loss(x, out, targets), {"train_acc1": 100 * correct}

@@ -1,9 +1,8 @@
 """DeiT knowledge distillation: a teacher, its loss, and the `Distill` objective (classification plus the teacher).
 
-Touvron et al. 2021: the student's class head learns from the labels, its distillation head
-(the distillation token's) from the teacher, either from its soft predictions (KL divergence at
-temperature tau) or from its hard decisions (the teacher's argmax as a label). A student without a
-distillation token (or `distill: none`) uses its class head for both terms.
+Touvron et al. 2021: the student's class head learns from the labels, its distillation head (the distillation
+token's) from the teacher: its soft predictions (KL divergence at temperature tau) or its hard decisions (argmax
+as a label). A student without a distillation token (or `distill: none`) uses its class head for both terms.
 """
 
 from __future__ import annotations
@@ -15,26 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...models import create_model, load_weights
+from ...models import create_model, load_weights, read_state_dict
 from ...run import load_run
 from . import Context
-from .classify import Classify, classification_loss
+from .classify import Classify, classification_loss, mean_logits
 
 
 class Teacher(nn.Module):
-    """A frozen classifier in eval mode that sees the student's input in its own preprocessing.
-
-    The student's batch is normalised with the student's statistics; the teacher may have been
-    trained with others, or at another size: `forward` undoes one normalisation, applies the
-    other and resizes, so any teacher sees what it was trained on.
-    """
+    """A frozen classifier in eval mode that sees the student's input in its own preprocessing: `forward` undoes
+    the student's normalisation, applies the teacher's and resizes, so any teacher sees what it was trained on."""
 
     def __init__(self, model: nn.Module, *, name: str, student_norm: tuple, teacher_norm: tuple,
                  img_size: tuple[int, int] | None = None) -> None:
         super().__init__()
-        self.model, self.name, self.img_size = model.eval(), name, img_size
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model, self.name, self.img_size = model.eval().requires_grad_(False), name, img_size
         (sm, ss), (tm, ts) = student_norm, teacher_norm
         self.register_buffer("scale", (torch.tensor(ss) / torch.tensor(ts)).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("shift", ((torch.tensor(sm) - torch.tensor(tm)) / torch.tensor(ts)).view(1, -1, 1, 1),
@@ -48,21 +41,12 @@ class Teacher(nn.Module):
         x = x * self.scale + self.shift  # (x_s * s_s + m_s - m_t) / s_t
         if self.img_size is not None and tuple(x.shape[-2:]) != tuple(self.img_size):
             x = F.interpolate(x, size=self.img_size, mode="bilinear", antialias=True, align_corners=False)
-        out = self.model(x)
-        return (sum(out) / len(out) if isinstance(out, tuple) else out).float()
+        return mean_logits(self.model(x)).float()
 
 
-def load_teacher(
-    spec: str,
-    *,
-    classes: list[str],
-    in_chans: int,
-    img_size: tuple[int, int],
-    student_norm: tuple,
-    weights: str | None = None,
-) -> Teacher:
-    """A teacher from a vitkit run directory, a registered model name (`tv:resnet18`, `deit_...`)
-    with `weights`, or `timm:NAME` with `weights` (needs timm). Its classes must be the data's."""
+def load_teacher(spec: str, *, classes: list[str], in_chans: int, img_size: tuple[int, int], student_norm: tuple,
+                 weights: str | None = None) -> Teacher:
+    """A teacher: a vitkit run directory, or with `weights` a registered model or `timm:NAME`, predicting `classes`."""
     path = Path(spec)
     if path.is_dir():
         run = load_run(path)
@@ -81,8 +65,6 @@ def load_teacher(
             import timm
         except ImportError as e:
             raise ValueError("a timm: teacher needs timm installed (pip install timm)") from e
-        from ...models import read_state_dict
-
         model = timm.create_model(spec[5:], pretrained=False, num_classes=len(classes), in_chans=in_chans)
         try:
             model.load_state_dict(read_state_dict(weights))
@@ -98,28 +80,20 @@ def load_teacher(
         except ValueError as e:
             raise ValueError(f"teacher {spec} for the data's {len(classes)} classes: {e}") from e
         size, norm = img_size, student_norm
-    _check_classes(model, spec, len(classes), in_chans, size)
-    return Teacher(model, name=spec, student_norm=student_norm, teacher_norm=norm, img_size=size)
-
-
-def _check_classes(model: nn.Module, spec: str, num_classes: int, in_chans: int, size: tuple[int, int]) -> None:
     with torch.no_grad():
         out = model.eval()(torch.zeros(1, in_chans, *size))
     n = (out[0] if isinstance(out, tuple) else out).shape[-1]
-    if n != num_classes:
-        raise ValueError(f"teacher {spec} predicts {n} classes, but the data has {num_classes}")
+    if n != len(classes):
+        raise ValueError(f"teacher {spec} predicts {n} classes, but the data has {len(classes)}")
+    return Teacher(model, name=spec, student_norm=student_norm, teacher_norm=norm, img_size=size)
 
 
 class DistillationLoss(nn.Module):
-    """The student's objective with a teacher (DeiT's `DistillationLoss`).
-
-    kind:
+    """The student's objective with a teacher (DeiT's `DistillationLoss`), by kind:
       - `none`: the base loss only (every head on the labels).
       - `soft`: (1 - alpha) * CE(class head, labels) + alpha * tau^2 * KL(teacher || student) at temperature tau.
       - `hard`: (1 - alpha) * CE(class head, labels) + alpha * CE(distillation head, teacher argmax).
-
-    The label term keeps label smoothing and Mixup/CutMix soft targets; the teacher term has no
-    smoothing (DeiT). The teacher sees the same (mixed) images as the student.
+    The label term keeps label smoothing and Mixup/CutMix soft targets; the teacher term has no smoothing (DeiT).
     """
 
     def __init__(self, teacher: Teacher | None, kind: str = "hard", alpha: float = 0.5, tau: float = 1.0,
@@ -131,7 +105,8 @@ class DistillationLoss(nn.Module):
             raise ValueError(f"distill={kind} needs a teacher")
         self.teacher, self.kind, self.alpha, self.tau, self.label_smoothing = teacher, kind, alpha, tau, label_smoothing
 
-    def forward(self, inputs: torch.Tensor, outputs: torch.Tensor | tuple[torch.Tensor, ...], targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, outputs: torch.Tensor | tuple[torch.Tensor, ...],
+                targets: torch.Tensor) -> torch.Tensor:
         if self.kind == "none":
             return classification_loss(outputs, targets, self.label_smoothing)
         cls, dist = outputs if isinstance(outputs, tuple) else (outputs, outputs)
@@ -148,11 +123,8 @@ class DistillationLoss(nn.Module):
 
 
 class Distill(Classify):
-    """Classification with a teacher (`--teacher`): the loss is `DistillationLoss`, the rest is `Classify`'s.
-
-    The teacher is frozen and not part of the objective's state: it is not checkpointed, averaged
-    or synchronised across processes, only run.
-    """
+    """Classification with a teacher (`--teacher`): the loss is `DistillationLoss`, the rest is `Classify`'s. The
+    frozen teacher is not part of the objective's state: not checkpointed, averaged or synchronised, only run."""
 
     name = "distill"
     title = "training (distilled from a teacher)"

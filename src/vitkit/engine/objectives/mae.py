@@ -1,9 +1,8 @@
 """Masked autoencoder (He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners").
 
-The objective owns the masking, a light decoder and the loss; the backbone is any model whose
-family implements the contract's `forward_visible` (ViT, DeiT, hybrids), unchanged, so its encoder
-runs on the visible patches only. The backbone's state dict is the classifier's own, ready for
-`vitkit train --pretrained`.
+The objective owns the masking, a light decoder and the loss; the backbone, unchanged, is any model whose family
+implements the contract's `forward_visible` (ViT, DeiT, hybrids), so its encoder runs on the visible patches only.
+Its state dict is the classifier's own, ready for `vitkit train --pretrained`.
 """
 
 from __future__ import annotations
@@ -15,75 +14,42 @@ from torch import nn
 
 from ...models.layers import Block, sincos_2d_pos_embed
 from . import Context
-from .masking import MaskedImageModeling, MaskedOutput, RandomMaskGenerator, freeze_unused, random_mask_count
+from .masking import (MaskedImageModeling, MaskedOutput, RandomMaskGenerator, freeze_unused, patchify,
+                      random_mask_count, unpatchify)
 
 UNUSED_BACKBONE = ("head.", "head_dist.", "fc_norm.")  # never used while pre-training: frozen (`freeze_unused`)
 
 
-def patchify(imgs: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
-    """Images `(B, C, H, W)` -> patches `(B, N, ph * pw * C)` in the encoder's row-major token order."""
-    B, C, H, W = imgs.shape
-    ph, pw = patch
-    x = imgs.reshape(B, C, H // ph, ph, W // pw, pw)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // ph) * (W // pw), ph * pw * C)
-
-
-def unpatchify(x: torch.Tensor, patch: tuple[int, int], grid: tuple[int, int], chans: int) -> torch.Tensor:
-    """Patches `(B, N, ph * pw * C)` -> images `(B, C, H, W)`; the inverse of `patchify`."""
-    B = x.shape[0]
-    (ph, pw), (gh, gw) = patch, grid
-    x = x.reshape(B, gh, gw, ph, pw, chans)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, chans, gh * ph, gw * pw)
-
-
 class MaskedAutoencoder(MaskedImageModeling):
-    """MAE around a ViT-family backbone.
-
-    encoder: patch embedding + position embedding, then the backbone's blocks on the visible ~25%
-    of the patches (prefix tokens included). decoder: a linear map to `decoder_dim`, a learned mask
-    token in every masked position, fixed 2-D sin-cos positions, `decoder_depth` blocks and a linear
-    prediction of each patch's pixels. The loss is the mean squared error on masked patches only,
-    against pixels normalised per patch (`norm_pix_loss`, MAE's better target, Table 1d).
-    """
+    """MAE around a ViT-family backbone: its blocks encode the visible ~25% of the patches (and prefix tokens); the
+    decoder maps them to `decoder_dim`, puts a learned mask token in every masked position, adds fixed 2-D sin-cos
+    positions, runs `decoder_depth` blocks and predicts each patch's pixels. The loss: mean squared error on masked
+    patches only, against pixels normalised per patch (`norm_pix_loss`, MAE's better target, Table 1d)."""
 
     name = "mae"
     title = "pre-training (MAE)"
     requires = ("forward_visible", "a ViT-family backbone that encodes only the visible patches (vit_*, deit_*, hybrids)")
     picture = "mae_reconstructions.png"
 
-    def __init__(
-        self,
-        encoder: nn.Module,
-        *,
-        mask_ratio: float = 0.75,
-        decoder_dim: int = 64,
-        decoder_depth: int = 2,
-        decoder_heads: int = 4,
-        norm_pix_loss: bool = True,
-    ) -> None:
+    def __init__(self, encoder: nn.Module, *, mask_ratio: float = 0.75, decoder_dim: int = 64, decoder_depth: int = 2,
+                 decoder_heads: int = 4, norm_pix_loss: bool = True) -> None:
         self.check_backbone(encoder, type(encoder).__name__)
         super().__init__(encoder)
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.patch = tuple(encoder.patch_embed.reduction)  # pixels per token side
-        self.in_chans = encoder.cfg.in_chans
-        self.num_prefix_tokens = encoder.num_prefix_tokens
+        self.in_chans, self.num_prefix_tokens = encoder.cfg.in_chans, encoder.num_prefix_tokens
         D = encoder.num_features
         freeze_unused(encoder, UNUSED_BACKBONE)
-        # With global average pooling the backbone's per-token norm is the identity (its norm is
-        # fc_norm, after pooling); the decoder then normalises the latent itself.
+        # With global average pooling the backbone's per-token norm is the identity (its norm is fc_norm, after
+        # pooling); the decoder then normalises the latent itself.
         self.encoder_norm = nn.LayerNorm(D, eps=1e-6) if isinstance(encoder.norm, nn.Identity) else nn.Identity()
-
         self.decoder_embed = nn.Linear(D, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
-        self.decoder_blocks = nn.ModuleList(
-            Block(decoder_dim, decoder_heads, mlp_ratio=4.0, norm_layer=norm_layer) for _ in range(decoder_depth)
-        )
+        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, mlp_ratio=4.0, norm_layer=norm_layer)
+                                            for _ in range(decoder_depth))
         self.decoder_norm = norm_layer(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, self.patch[0] * self.patch[1] * self.in_chans)
-        self._init_decoder()
-
-    def _init_decoder(self) -> None:
         nn.init.normal_(self.mask_token, std=0.02)
         for name, m in self.named_modules():
             if name.startswith("decoder") and isinstance(m, nn.Linear):
@@ -106,8 +72,8 @@ class MaskedAutoencoder(MaskedImageModeling):
         return RandomMaskGenerator(grid, self.mask_ratio)(batch_size, device)
 
     def _visible_first(self, mask: torch.Tensor) -> torch.Tensor:
-        """Patch indices `(B, N)`: the visible ones first, then the masked ones, each in patch order
-        (MAE's `ids_shuffle`). Every row must mask as many patches as `masking` does."""
+        """Patch indices `(B, N)`: the visible ones, then the masked ones, each in patch order (MAE's `ids_shuffle`).
+        Every row must mask as many patches as `masking` does."""
         n = random_mask_count(mask.shape[1], self.mask_ratio)
         if not mask.is_meta and bool((mask.sum(dim=1) != n).any()):
             raise ValueError(f"MAE masks {n} of {mask.shape[1]} patches in every image (mask_ratio {self.mask_ratio})")
@@ -156,15 +122,12 @@ class MaskedAutoencoder(MaskedImageModeling):
 
     @torch.no_grad()
     def reconstruct(self, imgs: torch.Tensor, out: MaskedOutput) -> torch.Tensor:
-        """Images from the predictions (per-patch normalisation undone with the true patch statistics,
-        as in MAE's demo), with the visible patches pasted from the input."""
-        grid = self.grid(imgs)
-        pred = out.pred.float()
+        """Images from the predictions (un-normalised with the true patch statistics, as in MAE's demo) and the
+        visible patches of the input."""
+        pred, raw = out.pred.float(), patchify(imgs.float(), self.patch)
         if self.norm_pix_loss:
-            raw = patchify(imgs.float(), self.patch)
             pred = pred * (raw.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + raw.mean(dim=-1, keepdim=True)
-        pred = torch.where(out.mask.unsqueeze(-1), pred, patchify(imgs.float(), self.patch))
-        return unpatchify(pred, self.patch, grid, self.in_chans)
+        return unpatchify(torch.where(out.mask.unsqueeze(-1), pred, raw), self.patch, self.grid(imgs), self.in_chans)
 
     def picture_rows(self, imgs: torch.Tensor, pixels: torch.Tensor, out: MaskedOutput) -> list[torch.Tensor]:
         """The reconstruction, in [0, 1] pixels."""

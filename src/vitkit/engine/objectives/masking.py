@@ -1,23 +1,46 @@
-"""Which patches to hide (MAE's uniform random masking, BEiT's blockwise masking), and the base of
-the objectives that hide them (`MaskedImageModeling`).
+"""Which patches to hide (MAE's uniform random masking, BEiT's blockwise masking), and the base of the objectives
+that hide them (`MaskedImageModeling`), with the pictures they draw every epoch.
 
-Both generators return a boolean mask `(B, N)` over the patch grid in row-major order (True = masked)
-and draw from torch's global RNG, which the pre-training loop reseeds every epoch, so a resumed run
-masks exactly as an uninterrupted one.
+Both generators return a boolean mask `(B, N)` over the row-major patch grid (True = masked), drawn from torch's
+global RNG, which the loop reseeds every epoch: a resumed run masks exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torch import nn
+from torchvision.utils import make_grid
 
+from ...data import make_loader
 from ...run import atomic_write
 from . import Context, Objective
+
+NUM_PICTURES = 8
+MASK_GREY = 0.5  # masked patches are drawn mid-grey
+
+
+def patchify(imgs: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
+    """Images `(B, C, H, W)` -> patches `(B, N, ph * pw * C)` in the encoder's row-major token order."""
+    B, C, H, W = imgs.shape
+    ph, pw = patch
+    x = imgs.reshape(B, C, H // ph, ph, W // pw, pw)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // ph) * (W // pw), ph * pw * C)
+
+
+def unpatchify(x: torch.Tensor, patch: tuple[int, int], grid: tuple[int, int], chans: int) -> torch.Tensor:
+    """Patches `(B, N, ph * pw * C)` -> images `(B, C, H, W)`; the inverse of `patchify`."""
+    B = x.shape[0]
+    (ph, pw), (gh, gw) = patch, grid
+    x = x.reshape(B, gh, gw, ph, pw, chans)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, chans, gh * ph, gw * pw)
 
 
 def random_mask_count(num_patches: int, mask_ratio: float) -> int:
@@ -46,25 +69,14 @@ class RandomMaskGenerator:
 
 
 class BlockwiseMaskGenerator:
-    """BEiT's blockwise masking (Bao et al. 2022, Algorithm 1): rectangles of random area and aspect
-    ratio are added until about `mask_ratio` of the patches are masked.
+    """BEiT's blockwise masking (Bao et al. 2022, Algorithm 1): rectangles are added until about `mask_ratio` of
+    the patches are masked, each covering `min_block` patches up to what is missing, its aspect ratio log-uniform
+    in `[min_aspect, 1 / min_aspect]`, kept if it masks 1..missing new patches (10 failed draws end the mask).
+    BEiT masks 40% of a 14 x 14 grid in blocks of at least 16 patches; `min_block` defaults to that share of the
+    grid (4 patches on 7 x 7) so small grids get blocks too."""
 
-    Each block covers between `min_block` patches and what is still missing to the target, with an
-    aspect ratio drawn log-uniformly from `[min_aspect, 1 / min_aspect]`; a block is kept only if it
-    masks at least one new patch without overshooting the target, and after 10 failed draws the mask
-    is left as is. BEiT uses 40% of a 14 x 14 grid with blocks of at least 16 patches; `min_block`
-    defaults to that share of the grid (4 patches on a 7 x 7 grid) so small grids get blocks too.
-    """
-
-    def __init__(
-        self,
-        grid: tuple[int, int],
-        mask_ratio: float = 0.4,
-        *,
-        min_block: int | None = None,
-        max_block: int | None = None,
-        min_aspect: float = 0.3,
-    ) -> None:
+    def __init__(self, grid: tuple[int, int], mask_ratio: float = 0.4, *, min_block: int | None = None,
+                 max_block: int | None = None, min_aspect: float = 0.3) -> None:
         if not 0 < mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.grid, self.mask_ratio = tuple(grid), mask_ratio
@@ -75,7 +87,7 @@ class BlockwiseMaskGenerator:
         self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
 
     def _add_block(self, mask: np.ndarray, budget: int, rng: np.random.Generator) -> int:
-        """Try up to 10 rectangles; mask the first that adds 1..budget new patches. Returns how many it added."""
+        """Try up to 10 rectangles; mask the first that adds 1..budget new patches and return how many."""
         H, W = self.grid
         for _ in range(10):
             area = rng.uniform(self.min_block, max(self.min_block, budget))
@@ -108,16 +120,12 @@ class BlockwiseMaskGenerator:
         return torch.from_numpy(masks).to(device)  # (B, N)
 
     def __repr__(self) -> str:
-        return (f"BlockwiseMaskGenerator(grid={self.grid}, mask_ratio={self.mask_ratio}, "
-                f"min_block={self.min_block})")
+        return f"BlockwiseMaskGenerator(grid={self.grid}, mask_ratio={self.mask_ratio}, min_block={self.min_block})"
 
 
 # -- what masked image modeling objectives share ---------------------------------------------------
-
-
 class MaskedOutput(NamedTuple):
-    """What a masked-modeling objective computes: the loss, the per-patch predictions, the mask
-    (True = masked) and the per-patch targets (MAE: normalised pixels; BEiT: visual token ids)."""
+    """Loss, per-patch predictions, mask (True = masked) and targets (MAE: normalised pixels; BEiT: token ids)."""
 
     loss: torch.Tensor
     pred: torch.Tensor
@@ -125,27 +133,15 @@ class MaskedOutput(NamedTuple):
     target: torch.Tensor
 
 
-NUM_PICTURES = 8
-
-
 class MaskedImageModeling(Objective):
-    """Base of MAE and BEiT: no labels, no classifier (the backbone is built with `num_classes=0`);
-    evaluated on the validation loss with the same masks every epoch; a picture per epoch.
-
-    Subclasses set `patch`, implement `masking(batch, grid, device)` and `predict(imgs, mask) ->
-    MaskedOutput`, and `picture_rows`.
-    """
+    """Base of MAE and BEiT: no labels, no classifier (`num_classes=0`); evaluated on the validation loss with
+    the same masks every epoch; a picture per epoch. Subclasses set `patch` and implement `masking`, `predict`
+    and `picture_rows`."""
 
     labels = False
     classifier = False
     picture: ClassVar[str]
     patch: tuple[int, int]
-
-    def masking(self, batch_size: int, grid: tuple[int, int], device: torch.device | str) -> torch.Tensor:
-        raise NotImplementedError
-
-    def predict(self, imgs: torch.Tensor, mask: torch.Tensor | None = None) -> MaskedOutput:
-        raise NotImplementedError
 
     def grid(self, imgs: torch.Tensor) -> tuple[int, int]:
         return imgs.shape[-2] // self.patch[0], imgs.shape[-1] // self.patch[1]
@@ -155,8 +151,7 @@ class MaskedImageModeling(Objective):
 
     @torch.no_grad()
     def evaluate(self, loader, runtime) -> dict[str, float]:
-        """The mean loss with masks drawn from a fixed seed: the same masks every epoch, so the
-        numbers compare across epochs (and the training RNG is left as it was)."""
+        """The mean loss with masks from a fixed seed, the same every epoch (the training RNG is left as it was)."""
         self.eval()
         total, seen = 0.0, 0
         with torch.random.fork_rng(devices=[]):
@@ -172,8 +167,6 @@ class MaskedImageModeling(Objective):
 
     def prepare(self, ctx: Context) -> MaskedImageModeling:
         """Fix the validation masks' seed, and the images and masks the pictures show every epoch."""
-        from ...data import make_loader
-
         self.eval_seed, self.samples = ctx.cfg.seed, None
         if not ctx.runtime.is_main:
             return self
@@ -189,18 +182,48 @@ class MaskedImageModeling(Objective):
     def picture_rows(self, imgs: torch.Tensor, pixels: torch.Tensor, out: MaskedOutput) -> list[torch.Tensor]:
         return []
 
+    @torch.no_grad()
     def on_epoch_end(self, run_dir: Path, epoch: int) -> None:
-        """RUN/<picture>.png (the latest) and RUN/pictures/<picture>_epochNNN.png."""
-        from .pictures import save_grid
+        """RUN/<picture>.png (the latest) and RUN/pictures/<picture>_epochNNN.png: rows original / masked input,
+        then `picture_rows` (MAE's reconstruction; BEiT's visual tokens and predictions)."""
+        device = next(self.parameters()).device
+        imgs, mask = self.samples.to(device), self.sample_mask.to(device)
+        mean, std = (n.to(imgs) for n in self.pixel_stats)
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.predict(imgs, mask)
+            pixels = (imgs.float() * std + mean).clamp(0, 1)
+            rows = [pixels, _masked(pixels, mask, self.patch)] + self.picture_rows(imgs, pixels, out)
+        finally:
+            self.train(was_training)
+        png = _png([r.cpu() for r in rows], scale=max(1, 96 // imgs.shape[-1]))
+        path = Path(run_dir) / self.picture
+        atomic_write(path, png)
+        atomic_write(Path(run_dir) / "pictures" / f"{path.stem}_epoch{epoch + 1:03d}.png", png)
 
-        path, device = Path(run_dir) / self.picture, next(self.parameters()).device
-        save_grid(self, self.samples.to(device), self.sample_mask.to(device), *self.pixel_stats, path)
-        atomic_write(Path(run_dir) / "pictures" / f"{path.stem}_epoch{epoch + 1:03d}.png", path.read_bytes())
+
+def _masked(pixels: torch.Tensor, mask: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
+    p = patchify(pixels, patch)
+    p = torch.where(mask.unsqueeze(-1), torch.full_like(p, MASK_GREY), p)
+    return unpatchify(p, patch, (pixels.shape[-2] // patch[0], pixels.shape[-1] // patch[1]), pixels.shape[1])
+
+
+def _png(rows: list[torch.Tensor], scale: int) -> bytes:
+    """Rows of images `(n, C, H, W)` in [0, 1] -> PNG bytes, upscaled (nearest) to be legible."""
+    x = torch.cat(rows).float().clamp(0, 1)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if scale > 1:
+        x = F.interpolate(x, scale_factor=scale, mode="nearest")
+    grid = make_grid(x, nrow=rows[0].shape[0], padding=2, pad_value=1.0)
+    buf = io.BytesIO()
+    Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def freeze_unused(backbone: nn.Module, prefixes: tuple[str, ...]) -> None:
-    """Freeze parameters pre-training never uses, so DistributedDataParallel, which expects a
-    gradient for every trainable parameter, does not stop; fine-tuning re-initialises them."""
+    """Freeze what pre-training never uses: DDP waits for every trainable parameter's gradient (fine-tuning resets)."""
     for name, p in backbone.named_parameters():
         if name.startswith(prefixes):
             p.requires_grad_(False)

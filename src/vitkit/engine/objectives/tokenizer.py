@@ -1,22 +1,14 @@
 """Visual tokenizers for BEiT: what turns each image patch into the discrete token BEiT predicts.
 
-BEiT (Bao et al. 2022) takes its targets from the image tokenizer of DALL-E, a discrete VAE trained
-on 250M images; BEiT v2 from a codebook distilled from CLIP. Neither ships with vitkit, and neither
-fits a user's own small data. vitkit's default builds a tokenizer offline from the user's images:
+BEiT (Bao et al. 2022) takes its targets from DALL-E's discrete VAE (trained on 250M images), BEiT v2 from a
+codebook distilled from CLIP; neither ships with vitkit or fits a user's small data. So by default:
+- `KMeansTokenizer`: k-means over the training images' patches (normalised pixels, `C * p * p` values per
+  patch); a patch's token is its nearest centroid. Built in seconds, saved as RUN/tokenizer.safetensors
+  (reusable with `--tokenizer`); its tokens decode back to pixels (the centroids), as the BEiT pictures show.
+- `ModuleTokenizer`: an external one, a TorchScript file or a `torch.export` program (`.pt2`) mapping images
+  `(B, C, H, W)` in [0, 1] to ids `(B, h, w)` or `(B, N)`; docs/pretraining.md wraps DALL-E's encoder this way.
 
-- `KMeansTokenizer`: k-means over the patches of the training images (pixels normalised with the
-  data's mean and std, one vector of `C * p * p` values per patch); a patch's token is its nearest
-  centroid. Built in seconds, saved in the run directory as `tokenizer.safetensors`, reusable with
-  `--tokenizer RUN/tokenizer.safetensors`. Its tokens can be decoded back to pixels (the centroids),
-  which is what the BEiT pictures show.
-- `ModuleTokenizer`: an external tokenizer the user has weights for, as a TorchScript file
-  (`torch.jit.save`) or a `torch.export` program (`.pt2`) that maps images `(B, C, H, W)` in [0, 1]
-  to token ids `(B, h, w)` or `(B, N)`, one per encoder patch. docs/pretraining.md shows how to
-  wrap DALL-E's encoder this way.
-
-Every tokenizer takes pixels in [0, 1] (the pre-training loop undoes the data normalisation) and
-returns `(B, N)` int64 ids in `[0, vocab_size)`, patches in row-major order.
-"""
+Every tokenizer maps pixels in [0, 1] to `(B, N)` int64 ids in `[0, vocab_size)`, patches row-major."""
 
 from __future__ import annotations
 
@@ -24,9 +16,12 @@ import zipfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
+
+from ...run import save_weights
 
 KMEANS_FORMAT = "vitkit-kmeans-tokenizer"
 
@@ -34,7 +29,8 @@ KMEANS_FORMAT = "vitkit-kmeans-tokenizer"
 class KMeansTokenizer(nn.Module):
     """Nearest-centroid quantiser of normalised pixel patches: `codebook` `(K, C * ph * pw)`."""
 
-    def __init__(self, codebook: torch.Tensor, patch: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(self, codebook: torch.Tensor, patch: tuple[int, int], mean: tuple[float, ...],
+                 std: tuple[float, ...]) -> None:
         super().__init__()
         self.patch = tuple(int(p) for p in patch)
         self.register_buffer("codebook", codebook.float().clone())
@@ -59,11 +55,8 @@ class KMeansTokenizer(nn.Module):
         return (x * self.std + self.mean).clamp(0, 1)
 
     def save(self, path: str | Path) -> None:
-        from ...run import atomic_write
-
-        meta = {"format": KMEANS_FORMAT, "patch": f"{self.patch[0]},{self.patch[1]}"}
-        tensors = {"codebook": self.codebook, "mean": self.mean.flatten(), "std": self.std.flatten()}
-        atomic_write(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta))
+        save_weights(path, {"codebook": self.codebook, "mean": self.mean.flatten(), "std": self.std.flatten()},
+                     {"format": KMEANS_FORMAT, "patch": f"{self.patch[0]},{self.patch[1]}"})
 
 
 def patch_vectors(x: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
@@ -80,8 +73,7 @@ class ModuleTokenizer(nn.Module):
         self.training = False
 
     def train(self, mode: bool = True) -> "ModuleTokenizer":
-        """A no-op: the tokenizer stays as it was saved (in inference mode; an exported program
-        cannot switch modes anyway)."""
+        """A no-op: the tokenizer stays in inference mode, as saved (an exported program cannot switch modes)."""
         return self
 
     @torch.no_grad()
@@ -101,10 +93,7 @@ def nearest(x: torch.Tensor, centers: torch.Tensor, chunk: int = 16384) -> torch
 
 
 def kmeans(x: torch.Tensor, k: int, *, iters: int = 20, seed: int = 0) -> torch.Tensor:
-    """Lloyd's k-means with k-means++ seeding (Arthur & Vassilvitskii 2007); centers `(k, d)`.
-
-    A center that loses all its points keeps its place (it stays a valid, unused token).
-    """
+    """Lloyd's k-means, k-means++ seeding (Arthur & Vassilvitskii 2007); a center that loses its points stays put."""
     n = x.shape[0]
     if n < k:
         raise ValueError(f"{n} patches are too few for a codebook of {k} tokens; lower --vocab-size")
@@ -126,21 +115,11 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 20, seed: int = 0) -> torch.
     return centers
 
 
-def build_kmeans_tokenizer(
-    pixels: torch.Tensor,
-    patch: tuple[int, int],
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    *,
-    vocab_size: int = 512,
-    max_patches: int = 100_000,
-    iters: int = 20,
-    seed: int = 0,
-) -> KMeansTokenizer:
-    """A k-means codebook of `vocab_size` tokens over the patches of `pixels` `(M, C, H, W)` in [0, 1]
-    (a seeded sample of at most `max_patches` patches)."""
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
+def build_kmeans_tokenizer(pixels: torch.Tensor, patch: tuple[int, int], mean: tuple[float, ...],
+                           std: tuple[float, ...], *, vocab_size: int = 512, max_patches: int = 100_000,
+                           iters: int = 20, seed: int = 0) -> KMeansTokenizer:
+    """A k-means codebook over (a seeded sample of `max_patches` of) the patches of `pixels` in [0, 1]."""
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
     x = patch_vectors((pixels.float() - m) / s, patch)
     x = x.reshape(-1, x.shape[-1])
     g = torch.Generator().manual_seed(seed)
@@ -150,18 +129,12 @@ def build_kmeans_tokenizer(
 
 
 def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> KMeansTokenizer | ModuleTokenizer:
-    """A saved tokenizer: vitkit's k-means `.safetensors`, a TorchScript file or a `torch.export` `.pt2`.
-
-    The vocabulary size of an external tokenizer is its `vocab_size` attribute when it has one,
-    else `vocab_size`. TorchScript and exported programs run the graph they hold: load only files
-    you trust (they cannot unpickle arbitrary Python objects, but they are programs).
-    """
+    """A saved tokenizer: vitkit's k-means `.safetensors`, a TorchScript file or a `torch.export` `.pt2` (its size:
+    its `vocab_size` attribute, else `vocab_size`). Those run the graph they hold: load only files you trust."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer file at {path}")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         if meta.get("format") != KMEANS_FORMAT:
