@@ -28,26 +28,11 @@ def _config_parser(config: type, description: str) -> ArgumentParser:
     return p
 
 
-def _train_parser() -> ArgumentParser:
-    from .engine import TrainConfig
-
-    return _config_parser(TrainConfig, "Train a classifier; with no options, the default small ViT on mnist5k. "
-                          "--teacher distils it from a teacher (DeiT).")
-
-
-def _pretrain_parser() -> ArgumentParser:
-    from .engine import PretrainConfig
-
-    return _config_parser(PretrainConfig, "Self-supervised pre-training (MAE or BEiT) on images without labels; "
-                          "fine-tune the run with `vitkit train --pretrained RUN`.")
-
-
 def _command(fn: Callable[..., int], *, many: tuple[str, ...] = (), maybe: tuple[str, ...] = (),
              repeat: tuple[str, ...] = ()) -> ArgumentParser:
-    """A subcommand's parser from its function's typed signature and docstring, as train and pretrain
-    are built from their configs. argparse shapes jsonargparse does not make from a type: `many`
-    positionals take one or more values, `maybe` positionals may be left out, and `repeat` options
-    take one or more of a Literal's values, repeatably (`--precision bf16 fp32`)."""
+    """A subcommand's parser from its function's typed signature and docstring, plus shapes jsonargparse
+    does not make from a type: `many` positionals take one or more values, `maybe` ones may be left
+    out, `repeat` options take one or more of a Literal's values, repeatably (`--precision bf16 fp32`)."""
     doc = inspect.getdoc(fn) or ""
     p = ArgumentParser(description=doc.split("\n\n")[0], exit_on_error=False)
     p.add_function_arguments(fn, as_group=False, as_positional=True, skip=set(many + maybe + repeat))
@@ -64,11 +49,18 @@ def _command(fn: Callable[..., int], *, many: tuple[str, ...] = (), maybe: tuple
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="vitkit", description="Vision Transformers: train, evaluate, predict.", exit_on_error=False)
+    from .engine import PretrainConfig, TrainConfig
+
+    train = _config_parser(TrainConfig, "Train a classifier; with no options, the default small ViT on mnist5k. "
+                           "--teacher distils it from a teacher (DeiT).")
+    pretrain = _config_parser(PretrainConfig, "Self-supervised pre-training (MAE or BEiT) on images without labels; "
+                              "fine-tune the run with `vitkit train --pretrained RUN`.")
+    parser = ArgumentParser(prog="vitkit", description="Vision Transformers: train, evaluate, predict.",
+                            exit_on_error=False)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subcommands(dest="command", required=True)
-    sub.add_subcommand("train", _train_parser(), help="train or resume a run")
-    sub.add_subcommand("pretrain", _pretrain_parser(), help="self-supervised pre-training: MAE or BEiT")
+    sub.add_subcommand("train", train, help="train or resume a run")
+    sub.add_subcommand("pretrain", pretrain, help="self-supervised pre-training: MAE or BEiT")
     sub.add_subcommand("eval", _command(cmd_eval), help="evaluate a run")
     sub.add_subcommand("explain", _command(cmd_explain, many=("images",)), help="attention maps, rollout and Grad-CAM over images")
     sub.add_subcommand("predict", _command(cmd_predict, many=("images",)), help="predict classes of images")
@@ -324,8 +316,7 @@ def cmd_export(run_dir: str, *, format: Literal["onnx", "torchscript", "exported
     sizes = " and ".join(map(str, r.batch_sizes))
     print(f"parity with PyTorch at batch {sizes}: max |logit difference| {r.max_abs_diff:.2e} "
           f"(tolerance {PARITY_TOL:.0e}): {'ok' if r.parity_ok else 'FAILED'}")
-    if r.int8:
-        q = r.int8
+    if q := r.int8:
         print(f"int8: {r.out_dir / q['file']} ({q['int8_bytes'] / 1e6:.2f} MB, fp32 {q['fp32_bytes'] / 1e6:.2f} MB): "
               f"top-1 {q['fp32_acc1']:.2f}% -> {q['int8_acc1']:.2f}% ({q['change']:+.2f} points), same top-1 class "
               f"on {q['agreement']:.1f}% of {q['n']} validation images")

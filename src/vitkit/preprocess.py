@@ -1,8 +1,5 @@
-"""What a trained model expects as input: reading images and the evaluation transform.
-
-Training, evaluation, predict, explain, export and serve all preprocess an image the same way;
-this module has no vitkit dependency, so the tools that only run a model need nothing more.
-"""
+"""What a trained model expects as input: reading images and the evaluation transform, shared by training,
+evaluation, predict, explain, export and serve; it imports nothing of vitkit, so running a model needs no more."""
 
 from __future__ import annotations
 
@@ -13,7 +10,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
-
 
 # The normalisations pretrained weights expect (ImageNet statistics; Inception-style [-1, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -29,11 +25,8 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompressio
 
 
 def check_image(path: str | Path) -> str:
-    """Decode `path` fully (at reduced scale where the format allows) and return its PIL mode.
-
-    Raises ValueError naming the file for anything PIL cannot decode: truncated or corrupt data,
-    a non-image, a zero-byte file, or an image over PIL's decompression-bomb limit.
-    """
+    """Decode `path` fully (at reduced scale where the format allows) and return its PIL mode; ValueError
+    naming the file for what PIL cannot decode: truncated, corrupt, not an image, empty, or a bomb."""
     try:
         with Image.open(path) as im:
             mode = im.mode
@@ -45,11 +38,8 @@ def check_image(path: str | Path) -> str:
 
 
 def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
-    """Open an image, apply its EXIF rotation and convert it to `mode` ("L" or "RGB").
-
-    16-bit and float images are rescaled to 8 bits (PIL's own conversion would clip them); palette
-    images go through their palette; an alpha channel is dropped.
-    """
+    """Open an image, apply its EXIF rotation and convert it to `mode` ("L" or "RGB"): 16-bit and float
+    images are rescaled to 8 bits (PIL's conversion would clip them), palettes applied, alpha dropped."""
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
@@ -64,15 +54,8 @@ def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
 
 def eval_transform(img_size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Transform:
     """Resize the shorter side, centre-crop, scale to [0, 1], normalise."""
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(min(img_size), antialias=True),
-            v2.CenterCrop(img_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
-        ]
-    )
+    return v2.Compose([v2.ToImage(), v2.Resize(min(img_size), antialias=True), v2.CenterCrop(img_size),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
 @dataclass(frozen=True)

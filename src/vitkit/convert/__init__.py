@@ -4,10 +4,9 @@
     hf.py      Hugging Face directories: transformers ViT, DeiT, Swin, BEiT (CvT in hf_cvt.py), timm hub dirs
     jax.py     JAX ViT .npz: the ViT paper's release and big_vision
 
-`vitkit.convert` may import from `vitkit.models`; `vitkit.models` imports it only lazily, inside
-`load_weights` and `create_model`, so that `create_model([name], pretrained=PATH)` takes every
-format. Nothing is ever unpickled: safetensors, `torch.load(weights_only=True)` and
-`numpy.load(allow_pickle=False)` only. See docs/weights.md.
+`vitkit.models` imports this package only lazily (in `load_weights` and `create_model`), so that
+`create_model([name], pretrained=PATH)` takes every format. Nothing is ever unpickled: safetensors,
+`torch.load(weights_only=True)` and `numpy.load(allow_pickle=False)` only. See docs/weights.md.
 """
 
 from __future__ import annotations
@@ -59,21 +58,16 @@ def detect_format(path: str | Path) -> str:
     if not path.exists():
         raise FileNotFoundError(f"no such file or directory: {path}")
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        return "safetensors"
-    if suffix == ".npz":
-        return "jax-npz"
-    if suffix in TORCH_SUFFIXES:
-        return "torch"
+    fmt = {".safetensors": "safetensors", ".npz": "jax-npz", **dict.fromkeys(TORCH_SUFFIXES, "torch")}.get(suffix)
+    if fmt is not None:
+        return fmt
     raise ValueError(f"{path}: unknown weights format {suffix!r}; expected .safetensors, .npz, "
                      f"{', '.join(TORCH_SUFFIXES)} or a directory")
 
 
 def resolve_source(src: str | Path) -> Path:
-    """A local path as is; an `org/name` that is not one is fetched from the Hugging Face hub.
-
-    huggingface_hub is optional: without it, or offline, the error says how to pass a directory.
-    """
+    """A local path as is; an `org/name` that is not one is fetched from the Hugging Face hub (optional:
+    without huggingface_hub, or offline, the error says how to pass a directory)."""
     path = Path(src)
     if path.exists() or not HUB_ID.fullmatch(str(src)):
         return path
@@ -105,15 +99,11 @@ def read_checkpoint(path: str | Path, name: str | None = None) -> Checkpoint:
 
 
 def load_pretrained(model: nn.Module, path: str | Path, *, num_classes_given: bool, strict: bool = True) -> None:
-    """Load any supported checkpoint into an already built `model` (what `load_weights` calls).
-
-    A Hugging Face or JAX checkpoint must match the model's architecture in every field but
-    `ADAPTABLE` (`NUMERIC` ones warn): some differences, like the number of heads, change no shape.
-    Position tables are resampled by the families' load hooks, Swin bias tables resized to the
-    model's window, the first convolution adapted to the model's input channels. With
-    `num_classes_given`, a classifier of another class count is re-initialised with a warning; any
-    other missing or unexpected key is an error.
-    """
+    """Load any supported checkpoint into an already built `model` (what `load_weights` calls). A Hugging
+    Face or JAX checkpoint must match the model in every field but `ADAPTABLE` (`NUMERIC` ones warn): some,
+    like the head count, change no shape. Positions are resampled, Swin bias tables resized, the first
+    convolution adapted; with `num_classes_given` a classifier of another size is re-initialised (a
+    warning); any other missing or unexpected key is an error."""
     path = resolve_source(path)
     _load_checkpoint(model, read_checkpoint(path), path, num_classes_given=num_classes_given, strict=strict)
 
@@ -121,32 +111,23 @@ def load_pretrained(model: nn.Module, path: str | Path, *, num_classes_given: bo
 def build_pretrained(src: str | Path, name: str | None = None, **overrides: Any) -> nn.Module:
     """Build the model a checkpoint holds and load it (what `create_model([name], pretrained=src)` calls).
 
-    The architecture comes from the checkpoint: without `name` it must state one (a Hugging Face
-    directory, a JAX `.npz`, a vitkit run; timm files do not), and with `name` every field in which
-    the checkpoint differs from that registered variant is adopted, said in one warning line.
-    `overrides` win over the checkpoint: `num_classes` re-initialises a classifier of another
-    size, `img_size` resamples positions, `in_chans` adapts the first convolution (each says so);
-    an architecture field that contradicts a Hugging Face or JAX checkpoint is an error. A
-    checkpoint of another family than `name`'s is loaded into that variant as it is, so the
-    strict load names the keys that do not fit.
+    Without `name` the checkpoint must state its architecture (Hugging Face, JAX `.npz`, a vitkit run;
+    timm files do not); with `name`, the fields where it differs from that variant are adopted, in one
+    warning. `overrides` win (`num_classes` re-initialises the head, `img_size` resamples positions,
+    `in_chans` adapts the first convolution); one contradicting a Hugging Face or JAX architecture is
+    an error. A checkpoint of another family than `name`'s loads as it is: the strict load names the misfits.
     """
     model, _, _ = _build(src, name, overrides)
     return model
 
 
-def convert(
-    src: str | Path,
-    out_dir: str | Path,
-    *,
-    model: str | None = None,
-    num_classes: int | None = None,
-    img_size: int | None = None,
-) -> Path:
+def convert(src: str | Path, out_dir: str | Path, *, model: str | None = None, num_classes: int | None = None,
+            img_size: int | None = None) -> Path:
     """Write a vitkit run directory (`model.safetensors`, `config.yaml`) from any supported checkpoint.
 
-    `model` is needed for timm files, which do not name their architecture; for the other formats
-    it picks the registered variant to describe the architecture with (overrides fill the rest).
-    `num_classes` other than the checkpoint's re-initialises the head; `img_size` resamples positions.
+    `model` is needed for timm files, which do not name their architecture; for the others it picks
+    the registered variant to describe it with. `num_classes` other than the checkpoint's
+    re-initialises the head; `img_size` resamples positions.
     """
     out = Path(out_dir)
     if (out / CONFIG).exists():
@@ -156,19 +137,16 @@ def convert(
     entry = get_model_entry(ckpt.name)
     args = {**_adopted(ckpt, model, given), **given}  # what the model was built with
     source_classes = ckpt.overrides.get("num_classes", entry.config.num_classes)
-
-    cfg = net.cfg
+    cfg, n = net.cfg, net.cfg.num_classes
     size = (cfg.img_size, cfg.img_size) if isinstance(cfg.img_size, int) else tuple(cfg.img_size)
-    n = cfg.num_classes
     # The source's label names (Hugging Face `id2label`, timm `label_names`), unless the head is new.
     classes = ckpt.classes if ckpt.classes and n == source_classes else [str(i) for i in range(n)]
     save_weights(out / WEIGHTS, net.state_dict(), {"model": ckpt.name, "source": str(src)})
     # Nothing was trained here: the record names no data set, so `vitkit eval` needs --data.
-    RunRecord(
-        model=ckpt.name, model_args={**args, "num_classes": n, "in_chans": cfg.in_chans, "img_size": list(size)},
-        img_size=size, in_chans=cfg.in_chans, mean=_per_channel(ckpt.mean or entry.mean, cfg.in_chans),
-        std=_per_channel(ckpt.std or entry.std, cfg.in_chans), classes=classes, objective="converted", source=str(src),
-    ).write(out)
+    RunRecord(model=ckpt.name, model_args={**args, "num_classes": n, "in_chans": cfg.in_chans, "img_size": list(size)},
+              img_size=size, in_chans=cfg.in_chans, mean=_per_channel(ckpt.mean or entry.mean, cfg.in_chans),
+              std=_per_channel(ckpt.std or entry.std, cfg.in_chans), classes=classes, objective="converted",
+              source=str(src)).write(out)
     return out
 
 
@@ -186,9 +164,7 @@ def _read_run(path: Path, name: str | None) -> Checkpoint:
 
 def _per_channel(values: tuple[float, ...], in_chans: int) -> tuple[float, ...]:
     """Normalisation statistics for `in_chans` channels: ImageNet's RGB ones averaged for a grey model."""
-    if len(values) == in_chans:
-        return tuple(values)
-    return (sum(values) / len(values),) * in_chans
+    return tuple(values) if len(values) == in_chans else (sum(values) / len(values),) * in_chans
 
 
 def _build(src: str | Path, name: str | None, given: dict[str, Any]) -> tuple[nn.Module, Checkpoint, Path]:
@@ -210,11 +186,8 @@ def _build(src: str | Path, name: str | None, given: dict[str, Any]) -> tuple[nn
 
 
 def _adopted(ckpt: Checkpoint, name: str | None, given: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's config fields that `given` does not set, when the checkpoint may describe `name`.
-
-    A checkpoint of another family (a ViT run asked to load as a DeiT) is not reshaped into it: the
-    name is taken at its word and the strict load reports what does not fit.
-    """
+    """The checkpoint's config fields that `given` does not set, when the checkpoint may describe `name`:
+    one of another family (a ViT run loaded as a DeiT) is not reshaped, the strict load reports the misfit."""
     if name is not None and ckpt.family is not None and ckpt.family != get_model_entry(name).family:
         return {}
     return {k: v for k, v in ckpt.overrides.items() if k not in given}

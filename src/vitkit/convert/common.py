@@ -18,13 +18,10 @@ Target = Union[str, Callable[[re.Match], str]]
 
 @dataclass
 class Checkpoint:
-    """A source checkpoint in vitkit's (timm's) parameter names, with what it says about itself.
-
-    `name`/`overrides` are the registered variant and config fields that rebuild the exact
-    architecture, when the source states it (Hugging Face config, JAX array shapes, a vitkit run)
-    or is told it. `family` is the registry family the source itself is of, when it says
-    (`create_model` adopts a checkpoint's architecture only into a variant of that family).
-    """
+    """A source checkpoint in vitkit's (timm's) parameter names, with what it says about itself. `name` and
+    `overrides`: the registered variant and config fields that rebuild the exact architecture, when the
+    source states it (Hugging Face config, JAX shapes, a vitkit run) or is told it. `family`: the
+    source's own family, when it says (its architecture is adopted only into that family)."""
 
     state: dict[str, torch.Tensor]
     name: str | None = None
@@ -41,8 +38,7 @@ def rename(state: dict[str, torch.Tensor], table: list[tuple[str, Target]], sour
     out, unknown = {}, []
     for key, value in state.items():
         for pattern, target in compiled:
-            m = pattern.fullmatch(key)
-            if m:
+            if m := pattern.fullmatch(key):
                 new = target(m) if callable(target) else target.format(*m.groups())
                 if new in out:
                     raise ValueError(f"{source}: two keys map to {new!r}")
@@ -56,13 +52,10 @@ def rename(state: dict[str, torch.Tensor], table: list[tuple[str, Target]], sour
 
 
 def closest_variant(target: Any, family: str, name: str | None = None) -> tuple[str, dict[str, Any]]:
-    """The registered variant nearest to config `target`, and the fields to override on it.
-
-    `create_model(name, **overrides)` then builds exactly `target`. Among variants of the same
-    config class the one with the fewest differing fields wins, `family` breaking ties (a ViT
-    checkpoint prefers `vit_*` over the same architecture under `deit_*`). An explicit `name`
-    is only checked to be of the right family.
-    """
+    """The registered variant nearest to config `target`, and the fields to override on it, so that
+    `create_model(name, **overrides)` builds exactly `target`. The variant of that config class with
+    the fewest differing fields wins, `family` breaking ties (a ViT checkpoint prefers `vit_*` to the
+    same architecture under `deit_*`); an explicit `name` is only checked to be of the right class."""
     cls = type(target)
     if name is not None:
         if not isinstance(get_model_entry(name).config, cls):

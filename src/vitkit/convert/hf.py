@@ -1,13 +1,10 @@
 """Hugging Face checkpoint directories -> vitkit.
 
-A transformers directory (`config.json` with `model_type`, and `model.safetensors` or
-`pytorch_model.bin`) for ViT, DeiT, Swin, BEiT, and CvT through `hf_cvt`; timm's own hub
-directories (`config.json` with `architecture`) hold a timm state dict and go to `convert.timm`.
-The architecture is read from `config.json` and mapped to the nearest registered variant plus
-overrides, so the rebuilt model is exactly the source's.
-
-transformers keeps query, key and value as three linears where timm has one `qkv`; the key tables
-below rename everything else, `merge_qkv` concatenates those three.
+transformers directories (`config.json` with `model_type`; `model.safetensors` or `pytorch_model.bin`):
+ViT, DeiT, Swin, BEiT, and CvT through `hf_cvt`; the architecture is mapped to the nearest registered
+variant plus overrides, so the rebuilt model is exactly the source's. timm's hub directories
+(`config.json` with `architecture`) hold a timm state dict and go to `convert.timm`. The key tables
+rename the parameters; `merge_qkv` concatenates transformers' query, key and value into timm's `qkv`.
 """
 
 from __future__ import annotations
@@ -30,12 +27,21 @@ from .timm import convert_timm, timm_overrides
 ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "vit": ("ViTForImageClassification",),
     "deit": ("DeiTForImageClassificationWithTeacher", "DeiTForImageClassification"),
-    "swin": ("SwinForImageClassification",),
-    "beit": ("BeitForImageClassification",),
+    "swin": ("SwinForImageClassification",), "beit": ("BeitForImageClassification",),
     "cvt": ("CvtForImageClassification",),
 }
 # Older transformers saved this buffer; it is a function of the window.
 DROPPED = ("relative_position_index",)
+
+
+def _layer_keys(hf: str, ours: str) -> list[tuple[str, Target]]:
+    """The norms, attention output and MLP of a transformers encoder layer: `hf` matches the layer's
+    prefix, `ours` is vitkit's block (`blocks.{0}.`); the weight/bias leaf fills the next field."""
+    leaf = "{" + str(ours.count("{")) + "}"
+    parts = [("layernorm_before", "norm1"), (r"attention\.output\.dense", "attn.proj"), ("layernorm_after", "norm2"),
+             (r"intermediate\.dense", "mlp.fc1"), (r"output\.dense", "mlp.fc2")]
+    return [(hf + theirs + r"\.(weight|bias)", f"{ours}{mine}.{leaf}") for theirs, mine in parts]
+
 
 _VIT = r"(?:vit|deit)\."
 _VL = _VIT + r"encoder\.layer\.(\d+)\."
@@ -44,12 +50,8 @@ VIT_KEYS: list[tuple[str, Target]] = [
     (r"deit\.embeddings\.distillation_token", "dist_token"),
     (_VIT + r"embeddings\.position_embeddings", "pos_embed"),
     (_VIT + r"embeddings\.patch_embeddings\.projection\.(weight|bias)", "patch_embed.proj.{0}"),
-    (_VL + r"layernorm_before\.(weight|bias)", "blocks.{0}.norm1.{1}"),
     (_VL + r"attention\.attention\.(query|key|value)\.(weight|bias)", "blocks.{0}.attn.{1}.{2}"),  # -> qkv
-    (_VL + r"attention\.output\.dense\.(weight|bias)", "blocks.{0}.attn.proj.{1}"),
-    (_VL + r"layernorm_after\.(weight|bias)", "blocks.{0}.norm2.{1}"),
-    (_VL + r"intermediate\.dense\.(weight|bias)", "blocks.{0}.mlp.fc1.{1}"),
-    (_VL + r"output\.dense\.(weight|bias)", "blocks.{0}.mlp.fc2.{1}"),
+    *_layer_keys(_VL, "blocks.{0}."),
     (_VIT + r"layernorm\.(weight|bias)", "norm.{0}"),
     (r"(?:classifier|cls_classifier)\.(weight|bias)", "head.{0}"),
     (r"distillation_classifier\.(weight|bias)", "head_dist.{0}"),
@@ -63,16 +65,12 @@ BEIT_KEYS: list[tuple[str, Target]] = [
     (r"beit\.embeddings\.patch_embeddings\.projection\.(weight|bias)", "patch_embed.proj.{0}"),
     (r"beit\.encoder\.relative_position_bias\.relative_position_bias_table", "rel_pos_bias.relative_position_bias_table"),
     (_BL + r"lambda_([12])", "blocks.{0}.gamma_{1}"),  # layer scale
-    (_BL + r"layernorm_before\.(weight|bias)", "blocks.{0}.norm1.{1}"),
     (_BL + r"attention\.attention\.(query|key|value)\.weight", "blocks.{0}.attn.{1}.weight"),  # -> qkv
     (_BL + r"attention\.attention\.query\.bias", "blocks.{0}.attn.q_bias"),  # BEiT has no key bias
     (_BL + r"attention\.attention\.value\.bias", "blocks.{0}.attn.v_bias"),
     (_BL + r"attention\.attention\.relative_position_bias\.relative_position_bias_table",
      "blocks.{0}.attn.relative_position_bias_table"),
-    (_BL + r"attention\.output\.dense\.(weight|bias)", "blocks.{0}.attn.proj.{1}"),
-    (_BL + r"layernorm_after\.(weight|bias)", "blocks.{0}.norm2.{1}"),
-    (_BL + r"intermediate\.dense\.(weight|bias)", "blocks.{0}.mlp.fc1.{1}"),
-    (_BL + r"output\.dense\.(weight|bias)", "blocks.{0}.mlp.fc2.{1}"),
+    *_layer_keys(_BL, "blocks.{0}."),
     (r"beit\.layernorm\.(weight|bias)", "norm.{0}"),  # class-token pooling
     (r"beit\.pooler\.layernorm\.(weight|bias)", "fc_norm.{0}"),  # mean pooling
     (r"classifier\.(weight|bias)", "head.{0}"),
@@ -82,13 +80,9 @@ _SL = r"swin\.encoder\.layers\.(\d+)\.blocks\.(\d+)\."
 SWIN_KEYS: list[tuple[str, Target]] = [
     (r"swin\.embeddings\.patch_embeddings\.projection\.(weight|bias)", "patch_embed.proj.{0}"),
     (r"swin\.embeddings\.norm\.(weight|bias)", "patch_embed.norm.{0}"),
-    (_SL + r"layernorm_before\.(weight|bias)", "layers.{0}.blocks.{1}.norm1.{2}"),
     (_SL + r"attention\.self\.(query|key|value)\.(weight|bias)", "layers.{0}.blocks.{1}.attn.{2}.{3}"),  # -> qkv
     (_SL + r"attention\.self\.relative_position_bias_table", "layers.{0}.blocks.{1}.attn.relative_position_bias_table"),
-    (_SL + r"attention\.output\.dense\.(weight|bias)", "layers.{0}.blocks.{1}.attn.proj.{2}"),
-    (_SL + r"layernorm_after\.(weight|bias)", "layers.{0}.blocks.{1}.norm2.{2}"),
-    (_SL + r"intermediate\.dense\.(weight|bias)", "layers.{0}.blocks.{1}.mlp.fc1.{2}"),
-    (_SL + r"output\.dense\.(weight|bias)", "layers.{0}.blocks.{1}.mlp.fc2.{2}"),
+    *_layer_keys(_SL, "layers.{0}.blocks.{1}."),
     # transformers merges patches at the END of stage i, timm and vitkit at the START of stage i + 1.
     (r"swin\.encoder\.layers\.(\d+)\.downsample\.(reduction|norm)\.(weight|bias)",
      lambda m: f"layers.{int(m[1]) + 1}.downsample.{m[2]}.{m[3]}"),
@@ -102,8 +96,7 @@ def merge_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
-        m = re.fullmatch(r"(.*\.attn)\.(query|key|value)\.(weight|bias)", key)
-        if m:
+        if m := re.fullmatch(r"(.*\.attn)\.(query|key|value)\.(weight|bias)", key):
             parts.setdefault(f"{m[1]}.qkv.{m[3]}", {})[m[2]] = value
         else:
             out[key] = value
@@ -121,8 +114,7 @@ def merge_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 _VIT_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                      hidden_act="gelu", layer_norm_eps=1e-12, image_size=224, patch_size=16, num_channels=3)
 HF_DEFAULTS: dict[str, dict[str, Any]] = {
-    "vit": {**_VIT_DEFAULTS, "qkv_bias": True},
-    "deit": {**_VIT_DEFAULTS, "qkv_bias": True},
+    "vit": {**_VIT_DEFAULTS, "qkv_bias": True}, "deit": {**_VIT_DEFAULTS, "qkv_bias": True},
     "beit": {**_VIT_DEFAULTS, "use_mask_token": False, "use_absolute_position_embeddings": False,
              "use_relative_position_bias": False, "use_shared_relative_position_bias": False,
              "layer_scale_init_value": 0.1, "use_mean_pooling": True},
@@ -133,7 +125,7 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def _common(c: dict[str, Any]) -> dict[str, Any]:
-    """Fields every ViT-like transformers config states the same way."""
+    """Fields every transformers config here states the same way."""
     if c["hidden_act"] != "gelu":
         raise ValueError(f"hidden_act {c['hidden_act']!r} is not supported: vitkit's MLP uses exact GELU")
     size = c["image_size"]
@@ -141,34 +133,29 @@ def _common(c: dict[str, Any]) -> dict[str, Any]:
                 in_chans=int(c["num_channels"]), norm_eps=float(c["layer_norm_eps"]))
 
 
-def _mlp_ratio(c: dict[str, Any], dim: int) -> float:
-    ratio = c["intermediate_size"] / dim
-    if int(dim * ratio) != c["intermediate_size"]:  # vitkit builds int(dim * mlp_ratio) hidden units
-        raise ValueError(f"intermediate_size {c['intermediate_size']} / hidden_size {dim} is not a ratio vitkit builds")
-    return ratio
+def _vit_like(c: dict[str, Any]) -> dict[str, Any]:
+    """`_common` and the width, depth, heads and MLP ratio of a ViT, DeiT or BEiT config."""
+    common, D = _common(c), int(c["hidden_size"])
+    ratio = c["intermediate_size"] / D
+    if int(D * ratio) != c["intermediate_size"]:  # vitkit builds int(dim * mlp_ratio) hidden units
+        raise ValueError(f"intermediate_size {c['intermediate_size']} / hidden_size {D} is not a ratio vitkit builds")
+    return dict(**common, embed_dim=D, depth=int(c["num_hidden_layers"]), num_heads=int(c["num_attention_heads"]),
+                mlp_ratio=ratio)
 
 
 def vit_config_from_hf(c: dict[str, Any], num_classes: int) -> Any:
-    D = int(c["hidden_size"])
-    return config_class("vit")(
-        **_common(c), num_classes=num_classes, embed_dim=D, depth=int(c["num_hidden_layers"]),
-        num_heads=int(c["num_attention_heads"]), mlp_ratio=_mlp_ratio(c, D), qkv_bias=bool(c["qkv_bias"]),
-        distilled=c["model_type"] == "deit",
-    )
+    return config_class("vit")(**_vit_like(c), num_classes=num_classes, qkv_bias=bool(c["qkv_bias"]),
+                               distilled=c["model_type"] == "deit")
 
 
 def beit_config_from_hf(c: dict[str, Any], num_classes: int) -> Any:
-    D = int(c["hidden_size"])
     scale = c["layer_scale_init_value"]
     return config_class("beit")(
-        **_common(c), num_classes=num_classes, embed_dim=D, depth=int(c["num_hidden_layers"]),
-        num_heads=int(c["num_attention_heads"]), mlp_ratio=_mlp_ratio(c, D),
-        use_abs_pos_emb=bool(c["use_absolute_position_embeddings"]),
+        **_vit_like(c), num_classes=num_classes, use_abs_pos_emb=bool(c["use_absolute_position_embeddings"]),
         use_rel_pos_bias=bool(c["use_relative_position_bias"]),
         use_shared_rel_pos_bias=bool(c["use_shared_relative_position_bias"]),
         init_values=float(scale) if scale and scale > 0 else None,  # 0 turns layer scale off, as in transformers
-        use_mean_pooling=bool(c["use_mean_pooling"]), use_mask_token=bool(c["use_mask_token"]),
-    )
+        use_mean_pooling=bool(c["use_mean_pooling"]), use_mask_token=bool(c["use_mask_token"]))
 
 
 def swin_config_from_hf(c: dict[str, Any], num_classes: int) -> Any:
@@ -178,16 +165,13 @@ def swin_config_from_hf(c: dict[str, Any], num_classes: int) -> Any:
     return config_class("swin")(
         **_common(c), num_classes=num_classes, embed_dim=int(c["embed_dim"]),
         depths=tuple(int(d) for d in c["depths"]), num_heads=tuple(int(h) for h in c["num_heads"]),
-        window_size=int(c["window_size"]), mlp_ratio=float(c["mlp_ratio"]), qkv_bias=bool(c["qkv_bias"]),
-    )
+        window_size=int(c["window_size"]), mlp_ratio=float(c["mlp_ratio"]), qkv_bias=bool(c["qkv_bias"]))
 
 
 # model_type -> (key table, config builder, family preferred among equal variants)
 CONVERTERS: dict[str, tuple[list[tuple[str, Target]], Callable[[dict[str, Any], int], Any], str]] = {
-    "vit": (VIT_KEYS, vit_config_from_hf, "vit"),
-    "deit": (VIT_KEYS, vit_config_from_hf, "deit"),
-    "beit": (BEIT_KEYS, beit_config_from_hf, "beit"),
-    "swin": (SWIN_KEYS, swin_config_from_hf, "swin"),
+    "vit": (VIT_KEYS, vit_config_from_hf, "vit"), "deit": (VIT_KEYS, vit_config_from_hf, "deit"),
+    "beit": (BEIT_KEYS, beit_config_from_hf, "beit"), "swin": (SWIN_KEYS, swin_config_from_hf, "swin"),
 }
 
 
@@ -199,9 +183,7 @@ def read_hf(path: Path, name: str | None = None) -> Checkpoint:
         return _timm_hub(config, state, name)
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise ValueError(
-            f"{path}: model_type {model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
-        )
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     arch = (config.get("architectures") or [ARCHITECTURES[model_type][0]])[0]
     if arch not in ARCHITECTURES[model_type]:
         raise ValueError(f"{path}: {arch} is not supported; for {model_type}: {', '.join(ARCHITECTURES[model_type])}")
@@ -254,13 +236,10 @@ def _timm_hub(config: dict[str, Any], state: dict[str, torch.Tensor], name: str 
         name, overrides = closest_variant(own, family, name or registered)
     else:
         overrides = timm_overrides(state, get_model_entry(name).config)
-    pre = config.get("pretrained_cfg", {})
-    mean, std = pre.get("mean"), pre.get("std")
     labels = config.get("label_names")
     n = overrides.get("num_classes", get_model_entry(name).config.num_classes)
     classes = list(labels) if labels and len(labels) == n else None
-    return Checkpoint(state, name, overrides, classes, tuple(mean) if mean else None, tuple(std) if std else None,
-                      family)
+    return Checkpoint(state, name, overrides, classes, *_stats(config.get("pretrained_cfg", {}), "mean", "std"), family)
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -283,8 +262,9 @@ def _labels(config: dict[str, Any], num_classes: int) -> list[str] | None:
 def _normalisation(path: Path) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
     """`image_mean`/`image_std` from `preprocessor_config.json`, when the directory has one."""
     file = path / "preprocessor_config.json"
-    if not file.exists():
-        return None, None
-    pre = json.loads(file.read_text())
-    mean, std = pre.get("image_mean"), pre.get("image_std")
-    return (tuple(mean) if mean else None), (tuple(std) if std else None)
+    return _stats(json.loads(file.read_text()), "image_mean", "image_std") if file.exists() else (None, None)
+
+
+def _stats(d: dict[str, Any], mean: str, std: str) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """`d[mean]` and `d[std]` as tuples, None where missing or empty."""
+    return (tuple(d[mean]) if d.get(mean) else None), (tuple(d[std]) if d.get(std) else None)

@@ -6,9 +6,8 @@ Covers transformers' port of microsoft/CvT (hub: `microsoft/cvt-13`, `cvt-21`, `
     model = Cvt(CvtConfig(**cvt_config_from_hf(hf.config.to_dict())))
     model.load_state_dict(convert_hf_cvt(hf.state_dict()))
 
-Every key of the Hugging Face state dict has a vitkit counterpart, BatchNorm's `num_batches_tracked`
-included (kept as a buffer), so nothing is dropped; a key outside the table raises. Shapes are
-checked against the stage widths read from the token-embedding convolutions.
+Every key has a vitkit counterpart (BatchNorm's `num_batches_tracked` too), so nothing is dropped; a key
+outside the table raises, and shapes are checked against the stage widths of the token embeddings.
 """
 
 from __future__ import annotations
@@ -56,26 +55,19 @@ _WEIGHT_BIAS = ("weight", "bias")
 
 # transformers' CvtConfig defaults (CvT-13): a hub config.json saved with `use_diff` omits them.
 HF_DEFAULTS: dict[str, Any] = {
-    "num_channels": 3,
-    "patch_sizes": [7, 3, 3],
-    "patch_stride": [4, 2, 2],
-    "patch_padding": [2, 1, 1],
-    "embed_dim": [64, 192, 384],
-    "num_heads": [1, 3, 6],
-    "depth": [1, 2, 10],
-    "mlp_ratio": [4.0, 4.0, 4.0],
-    "attention_drop_rate": [0.0, 0.0, 0.0],
-    "drop_rate": [0.0, 0.0, 0.0],
-    "drop_path_rate": [0.0, 0.0, 0.1],
-    "qkv_bias": [True, True, True],
-    "cls_token": [False, False, True],
-    "qkv_projection_method": ["dw_bn", "dw_bn", "dw_bn"],
-    "kernel_qkv": [3, 3, 3],
-    "padding_kv": [1, 1, 1],
-    "stride_kv": [2, 2, 2],
-    "padding_q": [1, 1, 1],
+    "num_channels": 3, "patch_sizes": [7, 3, 3], "patch_stride": [4, 2, 2], "patch_padding": [2, 1, 1],
+    "embed_dim": [64, 192, 384], "num_heads": [1, 3, 6], "depth": [1, 2, 10], "mlp_ratio": [4.0, 4.0, 4.0],
+    "attention_drop_rate": [0.0, 0.0, 0.0], "drop_rate": [0.0, 0.0, 0.0], "drop_path_rate": [0.0, 0.0, 0.1],
+    "qkv_bias": [True, True, True], "cls_token": [False, False, True], "qkv_projection_method": ["dw_bn"] * 3,
+    "kernel_qkv": [3, 3, 3], "padding_kv": [1, 1, 1], "stride_kv": [2, 2, 2], "padding_q": [1, 1, 1],
     "stride_q": [1, 1, 1],
 }
+# vitkit's per-stage CvtConfig fields and the type of each stage's value; transformers renames one.
+_STAGE_TYPES = {"embed_dim": int, "depth": int, "num_heads": int, "patch_sizes": int, "patch_stride": int,
+                "patch_padding": int, "kernel_qkv": int, "stride_kv": int, "padding_kv": int, "mlp_ratio": float,
+                "qkv_bias": bool, "cls_token": bool, "drop_rate": float, "attn_drop_rate": float,
+                "drop_path_rate": float}
+_HF_NAMES = {"attn_drop_rate": "attention_drop_rate"}
 
 
 def _pattern(template: str) -> re.Pattern[str]:
@@ -87,11 +79,8 @@ _PATTERNS = [(_pattern(hf), ours, kind) for hf, ours, kind in KEY_TABLE]
 
 
 def convert_hf_cvt(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Rename a `CvtForImageClassification` state dict to vitkit's `Cvt` names, checking every shape.
-
-    Raises ValueError listing the keys outside the table, and on any shape that does not fit the
-    stage widths. The tensors are shared, not copied; the input is left unchanged.
-    """
+    """Rename a `CvtForImageClassification` state dict to vitkit's `Cvt` names, sharing the tensors.
+    ValueError lists the keys outside the table, or names a shape that does not fit the stage widths."""
     widths = _stage_widths(state_dict)
     out: dict[str, Tensor] = {}
     unknown = []
@@ -109,9 +98,8 @@ def convert_hf_cvt(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
             raise ValueError(f"{key}: shape {tuple(tensor.shape)}, expected {expected} for {ours}")
         out[ours] = tensor
     if unknown:
-        raise ValueError(
-            f"{len(unknown)} key(s) are not in the Hugging Face CvT conversion table: {', '.join(sorted(unknown))}"
-        )
+        raise ValueError(f"{len(unknown)} key(s) are not in the Hugging Face CvT conversion table: "
+                         f"{', '.join(sorted(unknown))}")
     return out
 
 
@@ -135,8 +123,7 @@ def _stage_widths(state_dict: dict[str, Tensor]) -> list[int]:
     found = {}
     embed = re.compile(r"cvt\.encoder\.stages\.(\d+)\.embedding\.convolution_embeddings\.projection\.weight")
     for key, tensor in state_dict.items():
-        m = embed.fullmatch(key)
-        if m:
+        if m := embed.fullmatch(key):
             found[int(m[1])] = tensor.shape[0]
     if not found or sorted(found) != list(range(len(found))):
         raise ValueError(f"token-embedding convolutions found for stages {sorted(found)}; expected 0, 1, ...")
@@ -153,55 +140,24 @@ def _expected_shape(kind: str, leaf: str, tensor: Tensor, widths: list[int], sta
     if leaf == "bias":
         return (tensor.shape[0],) if kind in ("fc1", "head") else (dim,)
     k = tensor.shape[-1]
-    return {
-        "embed_conv": (dim, tensor.shape[1] if stage == 0 else widths[stage - 1], k, k),
-        "dw_conv": (dim, 1, k, k),
-        "linear": (dim, dim),
-        "fc1": (tensor.shape[0], dim),
-        "fc2": (dim, tensor.shape[1]),
-        "head": (tensor.shape[0], dim),
-    }[kind]
+    return {"embed_conv": (dim, tensor.shape[1] if stage == 0 else widths[stage - 1], k, k), "dw_conv": (dim, 1, k, k),
+            "linear": (dim, dim), "fc1": (tensor.shape[0], dim), "fc2": (dim, tensor.shape[1]),
+            "head": (tensor.shape[0], dim)}[kind]
 
 
 def cvt_config_from_hf(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """vitkit `CvtConfig` fields from transformers' `CvtConfig.to_dict()` or a hub `config.json`.
-
-    Rejects what vitkit's CvT does not build: projections other than "dw_bn" (transformers' "avg"
-    branch builds no pooling and cannot run) and strided or non-"same" query projections.
-    `layer_norm_eps` is ignored: transformers' model never reads it and uses LayerNorm's 1e-5.
-    """
+    """vitkit `CvtConfig` fields from transformers' `CvtConfig.to_dict()` or a hub `config.json`, rejecting
+    projections other than "dw_bn" (transformers' "avg" branch builds no pooling and cannot run) and
+    strided or non-"same" query projections. `layer_norm_eps` is ignored: transformers uses 1e-5 always."""
     c = {**HF_DEFAULTS, **config_dict}
     if c.get("model_type", "cvt") != "cvt":
         raise ValueError(f"not a CvT config: model_type {c['model_type']!r}")
     if set(c["qkv_projection_method"]) != {"dw_bn"}:
         raise ValueError(f"only 'dw_bn' projections are supported, got {c['qkv_projection_method']}")
     if any(s != 1 for s in c["stride_q"]) or any(p != k // 2 for p, k in zip(c["padding_q"], c["kernel_qkv"])):
-        raise ValueError(
-            f"queries must keep the map size (stride 1, padding kernel // 2), got stride_q {c['stride_q']}, "
-            f"padding_q {c['padding_q']} for kernel_qkv {c['kernel_qkv']}"
-        )
+        raise ValueError(f"queries must keep the map size (stride 1, padding kernel // 2), got stride_q "
+                         f"{c['stride_q']}, padding_q {c['padding_q']} for kernel_qkv {c['kernel_qkv']}")
     # transformers stores the class count as id2label; `num_labels` appears only in hand-written dicts.
     num_classes = c.get("num_labels", len(c["id2label"]) if c.get("id2label") else 2)
-
-    def ints(name: str) -> tuple[int, ...]:
-        return tuple(int(v) for v in c[name])
-
-    return {
-        "in_chans": int(c["num_channels"]),
-        "num_classes": int(num_classes),
-        "embed_dim": ints("embed_dim"),
-        "depth": ints("depth"),
-        "num_heads": ints("num_heads"),
-        "patch_sizes": ints("patch_sizes"),
-        "patch_stride": ints("patch_stride"),
-        "patch_padding": ints("patch_padding"),
-        "kernel_qkv": ints("kernel_qkv"),
-        "stride_kv": ints("stride_kv"),
-        "padding_kv": ints("padding_kv"),
-        "mlp_ratio": tuple(float(v) for v in c["mlp_ratio"]),
-        "qkv_bias": tuple(bool(v) for v in c["qkv_bias"]),
-        "cls_token": tuple(bool(v) for v in c["cls_token"]),
-        "drop_rate": tuple(float(v) for v in c["drop_rate"]),
-        "attn_drop_rate": tuple(float(v) for v in c["attention_drop_rate"]),
-        "drop_path_rate": tuple(float(v) for v in c["drop_path_rate"]),
-    }
+    stages = {k: tuple(kind(v) for v in c[_HF_NAMES.get(k, k)]) for k, kind in _STAGE_TYPES.items()}
+    return {"in_chans": int(c["num_channels"]), "num_classes": int(num_classes), **stages}

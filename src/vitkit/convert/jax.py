@@ -1,14 +1,11 @@
 """JAX ViT `.npz` checkpoints -> vitkit: the ViT paper's release and big_vision's.
 
-google-research/vision_transformer and big_vision save flax parameters flattened to
-`Module/Submodule/param` names. They differ in numbering inside an encoder block (table below), in
-the position table (big_vision adds it before the class token is prepended, so the class token
-has none; it may also be fixed sin-cos and absent from the file), in an optional `params/`
+google-research/vision_transformer and big_vision save flax parameters as `Module/Submodule/param`
+names. They differ in numbering inside an encoder block (table below), in the position table
+(big_vision's skips the class token, and may be fixed sin-cos and absent), in an optional `params/`
 prefix and in scanned layers (one `Transformer/encoderblock/...` array with a leading depth axis).
-
-The architecture is read from the array shapes. timm's `_load_weights` (vision_transformer.py)
-was the reference for the transposes. flax's `nn.gelu` is the tanh approximation, vitkit's (and
-timm's) is exact; the published weights are used with exact GELU everywhere.
+The architecture is read from the array shapes; timm's `_load_weights` was the reference for the
+transposes. flax's `nn.gelu` is the tanh approximation; the weights are used with exact GELU, as timm does.
 """
 
 from __future__ import annotations
@@ -36,31 +33,20 @@ POS_EMBED = {"google-research": "Transformer/posembed_input/pos_embedding", "big
 # "heads_in" (D, heads, head_dim) -> (heads * head_dim, D); "heads_bias" (heads, head_dim) -> flat;
 # "heads_out" (heads, head_dim, D) -> (D, heads * head_dim); None: as is.
 KEYS: list[tuple[str, str, str | None]] = [
-    ("embedding/kernel", "patch_embed.proj.weight", "conv"),
-    ("embedding/bias", "patch_embed.proj.bias", None),
+    ("embedding/kernel", "patch_embed.proj.weight", "conv"), ("embedding/bias", "patch_embed.proj.bias", None),
     ("cls", "cls_token", None),
-    ("Transformer/encoder_norm/scale", "norm.weight", None),
-    ("Transformer/encoder_norm/bias", "norm.bias", None),
-    ("head/kernel", "head.weight", "dense"),
-    ("head/bias", "head.bias", None),
+    ("Transformer/encoder_norm/scale", "norm.weight", None), ("Transformer/encoder_norm/bias", "norm.bias", None),
+    ("head/kernel", "head.weight", "dense"), ("head/bias", "head.bias", None),
 ]
 BLOCK_KEYS: list[tuple[str, str, str | None]] = [
-    ("LayerNorm_0/scale", "norm1.weight", None),
-    ("LayerNorm_0/bias", "norm1.bias", None),
-    ("{attn}/query/kernel", "attn.q.weight", "heads_in"),  # q, k, v are concatenated into qkv
-    ("{attn}/key/kernel", "attn.k.weight", "heads_in"),
-    ("{attn}/value/kernel", "attn.v.weight", "heads_in"),
-    ("{attn}/query/bias", "attn.q.bias", "heads_bias"),
-    ("{attn}/key/bias", "attn.k.bias", "heads_bias"),
-    ("{attn}/value/bias", "attn.v.bias", "heads_bias"),
-    ("{attn}/out/kernel", "attn.proj.weight", "heads_out"),
-    ("{attn}/out/bias", "attn.proj.bias", None),
-    ("{norm2}/scale", "norm2.weight", None),
-    ("{norm2}/bias", "norm2.bias", None),
-    ("{mlp}/Dense_0/kernel", "mlp.fc1.weight", "dense"),
-    ("{mlp}/Dense_0/bias", "mlp.fc1.bias", None),
-    ("{mlp}/Dense_1/kernel", "mlp.fc2.weight", "dense"),
-    ("{mlp}/Dense_1/bias", "mlp.fc2.bias", None),
+    ("LayerNorm_0/scale", "norm1.weight", None), ("LayerNorm_0/bias", "norm1.bias", None),
+    ("{attn}/query/kernel", "attn.q.weight", "heads_in"), ("{attn}/query/bias", "attn.q.bias", "heads_bias"),  # -> qkv
+    ("{attn}/key/kernel", "attn.k.weight", "heads_in"), ("{attn}/key/bias", "attn.k.bias", "heads_bias"),
+    ("{attn}/value/kernel", "attn.v.weight", "heads_in"), ("{attn}/value/bias", "attn.v.bias", "heads_bias"),
+    ("{attn}/out/kernel", "attn.proj.weight", "heads_out"), ("{attn}/out/bias", "attn.proj.bias", None),
+    ("{norm2}/scale", "norm2.weight", None), ("{norm2}/bias", "norm2.bias", None),
+    ("{mlp}/Dense_0/kernel", "mlp.fc1.weight", "dense"), ("{mlp}/Dense_0/bias", "mlp.fc1.bias", None),
+    ("{mlp}/Dense_1/kernel", "mlp.fc2.weight", "dense"), ("{mlp}/Dense_1/bias", "mlp.fc2.bias", None),
 ]
 # A representation layer (dense + tanh) between the pooled token and the head of the ViT paper's
 # ImageNet-21k checkpoints; vitkit's ViT has none. It is dropped with the head trained on top of it.
@@ -156,8 +142,7 @@ def _architecture(w: dict[str, np.ndarray], naming: str, depth: int):
         qkv_bias=f"Transformer/encoderblock_0/{names['attn']}/query/bias" in w,
         # Without a class token both code bases average the tokens after the final norm ("gap").
         class_token=class_token, global_pool="token" if class_token else "avg", fc_norm=None if class_token else False,
-        pos_embed="learn" if pos is not None else "sincos", norm_eps=NORM_EPS,
-    )
+        pos_embed="learn" if pos is not None else "sincos", norm_eps=NORM_EPS)
 
 
 def _expected_shapes(cfg) -> dict[str, tuple[int, ...]]:

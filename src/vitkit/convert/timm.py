@@ -1,8 +1,5 @@
 """timm checkpoints (ViT, DeiT, Swin, BEiT) -> vitkit: near identity, since vitkit uses timm's names.
-
-What a timm file can carry beyond vitkit's parameters is listed below and dropped; anything else
-that vitkit's model lacks is reported by the strict load, key by key.
-"""
+What a timm file holds beyond vitkit's parameters is dropped (listed below); the strict load reports the rest."""
 
 from __future__ import annotations
 
@@ -43,13 +40,11 @@ def convert_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def timm_overrides(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, Any]:
-    """Config fields that a timm state dict fixes and that differ from the variant `cfg`.
-
-    The class count (classifier rows), input channels (patch projection) and, where a table has a
-    square grid (ViT `pos_embed`, BEiT bias tables), the image size. Swin's tables depend on the
-    window only, so its image size stays the variant's. A convolutional stem or a hybrid's ResNet
-    feeds `patch_embed.proj` features, not pixels: their channels and size are left to the variant
-    (a channel count that differs is adapted on loading).
+    """Config fields that a timm state dict fixes and that differ from the variant `cfg`: the class count
+    (classifier rows), input channels (patch projection) and, where a table has a square grid (ViT
+    `pos_embed`, BEiT bias tables), the image size; Swin's tables depend on the window only. Behind a
+    convolutional stem or a hybrid's ResNet, `patch_embed.proj` sees features, not pixels: channels and
+    size are left to the variant (a differing channel count is adapted on loading).
     """
     found: dict[str, Any] = {}
     head = state.get("head.weight", state.get("head.fc.weight"))
@@ -84,14 +79,12 @@ def _grid(state: dict[str, torch.Tensor]) -> int | None:
     return None
 
 
-def resize_swin_bias_tables(
-    state: dict[str, torch.Tensor], shapes: dict[str, torch.Size]
-) -> dict[str, torch.Tensor]:
+def resize_swin_bias_tables(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
     """Resize Swin bias tables made for another window to the model's `shapes`, as timm does.
 
-    timm's Swin `checkpoint_filter_fn` uses the BEiT fine-tuning interpolation (geometric offsets,
-    then piecewise linear) with no class-token entries; vitkit's BEiT resizer is that interpolation
-    with three class-token rows kept as they are, so three zero rows are added and removed again.
+    timm's Swin `checkpoint_filter_fn` uses BEiT's fine-tuning interpolation (geometric offsets, then
+    piecewise linear) without class-token entries; vitkit's BEiT resizer keeps three class-token rows
+    as they are, so three zero rows are added and removed again.
     """
     out = dict(state)
     for key, table in state.items():

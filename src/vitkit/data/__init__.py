@@ -5,24 +5,6 @@ from .datasets import BUILTIN, IMG_EXTENSIONS, TORCHVISION, DataBundle, FolderSp
 from .loader import FolderLoader, TensorLoader, make_loader
 from .transforms import check_image, eval_transform, load_image, train_transform
 
-__all__ = [
-    "PRESETS",
-    "AugmentSpec",
-    "BatchMix",
-    "resolve_augment",
-    "subset_split",
-    "BUILTIN",
-    "IMG_EXTENSIONS",
-    "TORCHVISION",
-    "DataBundle",
-    "FolderLoader",
-    "FolderSplit",
-    "TensorLoader",
-    "TensorSplit",
-    "check_image",
-    "eval_transform",
-    "load_data",
-    "load_image",
-    "make_loader",
-    "train_transform",
-]
+__all__ = ["PRESETS", "AugmentSpec", "BatchMix", "resolve_augment", "subset_split", "BUILTIN", "IMG_EXTENSIONS",
+           "TORCHVISION", "DataBundle", "FolderLoader", "FolderSplit", "TensorLoader", "TensorSplit", "check_image",
+           "eval_transform", "load_data", "load_image", "make_loader", "train_transform"]

@@ -1,9 +1,8 @@
 """Augmentation presets sized to the training budget, built from torchvision.transforms.v2.
 
-A preset is data: an image policy (RandAugment, TrivialAugmentWide, AutoAugment or none),
-random-erasing probability, and Mixup/CutMix strengths. Short runs want `light` (flips and small
-translations only: strong augmentation needs many epochs to pay off); long runs want `strong`
-(the DeiT recipe). Any part of a preset can be overridden on its own.
+A preset is an image policy (RandAugment, TrivialAugmentWide, AutoAugment or none), a random-erasing
+probability and Mixup/CutMix strengths, each overridable. Short runs want `light` (flips and small
+translations: strong augmentation needs many epochs to pay off), long runs `strong` (DeiT's recipe).
 """
 
 from __future__ import annotations
@@ -41,14 +40,8 @@ PRESETS: dict[str, AugmentSpec] = {
 }
 
 
-def resolve_augment(
-    preset: str,
-    *,
-    policy: str | None = None,
-    random_erasing: float | None = None,
-    mixup: float | None = None,
-    cutmix: float | None = None,
-) -> AugmentSpec:
+def resolve_augment(preset: str, *, policy: str | None = None, random_erasing: float | None = None,
+                    mixup: float | None = None, cutmix: float | None = None) -> AugmentSpec:
     """A preset by name with any of its fields overridden (None keeps the preset's value)."""
     if preset not in PRESETS:
         raise ValueError(f"augment={preset!r} is not one of: {', '.join(PRESETS)}")
@@ -78,19 +71,12 @@ def apply_per_image(transform: v2.Transform, images: torch.Tensor) -> torch.Tens
 
 
 class BatchMix:
-    """Mixup and/or CutMix on a batch, returning soft targets; torchvision's v2 implementations.
-
-    Applied after the batch is assembled (and moved to the device), so the same mixed images go to
-    the student and to a distillation teacher. Labels become probability vectors, which
-    `torch.nn.functional.cross_entropy` accepts directly (with label smoothing on top).
-    """
+    """Mixup and/or CutMix (torchvision's v2) on an assembled batch, on the device, so the same mixed
+    images go to the student and a distillation teacher; labels become probability vectors, which
+    `torch.nn.functional.cross_entropy` takes directly (with label smoothing on top)."""
 
     def __init__(self, num_classes: int, mixup: float = 0.0, cutmix: float = 0.0) -> None:
-        ops: list[v2.Transform] = []
-        if mixup > 0:
-            ops.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
-        if cutmix > 0:
-            ops.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
+        ops = [op(alpha=a, num_classes=num_classes) for op, a in ((v2.MixUp, mixup), (v2.CutMix, cutmix)) if a > 0]
         if not ops:
             raise ValueError("BatchMix needs mixup > 0 or cutmix > 0")
         self.op = ops[0] if len(ops) == 1 else v2.RandomChoice(ops)

@@ -1,11 +1,10 @@
 """MNIST-format data sets (IDX files, gzipped or not) read offline: Fashion-MNIST, MNIST, KMNIST, EMNIST.
 
-The files are looked for, in this order, in `$VITKIT_DATA/<name>/`, in torchvision's cache layout
-(`<cache>/<name>/<Class>/raw/`) and in the folder Debian's dataset packages install into
-(`/usr/share/datasets/<name>/`: `apt-get install dataset-fashion-mnist`). `--data PATH` takes a
-folder of IDX files too. The official test split is the validation split. Debian's gzip files
-differ byte-wise from upstream's (same contents), which is why torchvision's checksummed loader
-refuses them; here only the decoded arrays are checked (shape, count, label range).
+The files are looked for in `$VITKIT_DATA/<name>/`, torchvision's cache (`<cache>/<name>/<Class>/raw/`)
+and where Debian's packages install them (`/usr/share/datasets/<name>/`: `apt-get install
+dataset-fashion-mnist`); `--data PATH` takes a folder of IDX files too. The official test split is the
+validation split. Debian's gzip files differ byte-wise from upstream's (same contents), so torchvision's
+checksummed loader refuses them; here only the decoded arrays are checked (shape, count, label range).
 """
 
 from __future__ import annotations
@@ -43,20 +42,13 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(body, dtype=dtype).reshape(shape)
 
 
-def _file(folder: Path, stem: str) -> Path | None:
-    for suffix in ("", ".gz"):
-        if (folder / (stem + suffix)).is_file():
-            return folder / (stem + suffix)
-    return None
-
-
 def idx_files(folder: Path, prefix: str = "") -> dict[str, Path] | None:
     """The four files of an IDX folder (train/test images/labels), or None when one is missing."""
     stems = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
              "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
     if prefix:  # EMNIST names its files emnist-balanced-train-images-idx3-ubyte, ...
         stems = {k: prefix + v.replace("t10k", "test") for k, v in stems.items()}
-    found = {k: _file(folder, s) for k, s in stems.items()}
+    found = {k: next((f for f in (folder / s, folder / f"{s}.gz") if f.is_file()), None) for k, s in stems.items()}
     return found if all(found.values()) else None
 
 

@@ -1,10 +1,9 @@
 """Batches for training and evaluation.
 
-`TensorLoader` is the fast path for data held in memory: it indexes a uint8 tensor and augments
-the whole batch at once (random translation, flips, erasing; Mixup/CutMix follow in the
-engine), so on a 2-core machine no worker processes
-compete with the model for the cores. Image folders go through a `DataLoader` with per-image
-torchvision transforms. Both are deterministic given `(seed, epoch)`, which makes `--resume` exact.
+`TensorLoader` is the fast path for data held in memory: it augments a whole uint8 batch at once
+(translation, flips, erasing; Mixup/CutMix follow in the engine), so on a 2-core machine no worker
+processes compete with the model for the cores. Image folders go through a `DataLoader` with
+per-image transforms. Both are deterministic given `(seed, epoch)`, which makes `--resume` exact.
 """
 
 from __future__ import annotations
@@ -24,27 +23,14 @@ from .transforms import eval_transform, load_image, train_transform
 class TensorLoader:
     """Batches from a uint8 tensor, augmented a whole batch at a time.
 
-    Under `torch.distributed`, every rank draws the same permutation and the same augmentation
-    parameters for the global batch (`batch_size * world_size`) and keeps its own slice, so N ranks
-    see exactly what one process would with the global batch. Evaluation shards the images without
-    padding, so reduced metrics count every image once.
+    Under `torch.distributed`, every rank draws the same permutation and augmentation for the global
+    batch (`batch_size * world_size`) and keeps its slice: N ranks see what one process would.
+    Evaluation shards the images unpadded, so reduced metrics count every image once.
     """
 
-    def __init__(
-        self,
-        split: TensorSplit,
-        *,
-        batch_size: int,
-        img_size: tuple[int, int],
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        train: bool,
-        augment: AugmentSpec | str = "light",
-        hflip: bool = False,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
+    def __init__(self, split: TensorSplit, *, batch_size: int, img_size: tuple[int, int], mean: tuple[float, ...],
+                 std: tuple[float, ...], train: bool, augment: AugmentSpec | str = "light", hflip: bool = False,
+                 seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         images = split.images
         if tuple(images.shape[-2:]) != tuple(img_size):  # resize once, not every batch
             images = F.interpolate(images.float(), size=img_size, mode="bilinear", antialias=True, align_corners=False)
@@ -55,8 +41,7 @@ class TensorLoader:
         self.policy = image_policy(self.spec.policy)
         self.erasing = v2.RandomErasing(p=self.spec.random_erasing, value=0) if self.spec.random_erasing else None
         self.rank, self.world_size = rank, world_size
-        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
         self.epoch = 0
         self.max_shift = max(1, img_size[0] // 8)  # ~3 px at 28, 4 px at 32 (the CIFAR pad-4 crop)
 
@@ -127,34 +112,26 @@ class _FolderDataset(Dataset):
 
 
 class FolderLoader:
-    """A `DataLoader` over image files whose shuffling is reseeded every epoch.
+    """A `DataLoader` over image files whose shuffling is reseeded every epoch. Under `torch.distributed`,
+    training uses a `DistributedSampler`; evaluation gives each rank every `world_size`-th image, unpadded."""
 
-    Under `torch.distributed`, training uses a `DistributedSampler` (same seed on every rank,
-    reshuffled per epoch); evaluation gives each rank every `world_size`-th image, unpadded.
-    """
-
-    def __init__(self, split: FolderSplit, *, batch_size, img_size, mean, std, train, augment: AugmentSpec | str = "light",
-                 hflip=True, seed: int = 0, num_workers: int = 2, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, split: FolderSplit, *, batch_size, img_size, mean, std, train,
+                 augment: AugmentSpec | str = "light", hflip=True, seed: int = 0, num_workers: int = 2, rank: int = 0,
+                 world_size: int = 1) -> None:
         spec = resolve_augment(augment) if isinstance(augment, str) else augment
-        tf = train_transform(img_size, mean, std, augment=spec, hflip=hflip) if train else eval_transform(img_size, mean, std)
+        tf = (train_transform(img_size, mean, std, augment=spec, hflip=hflip) if train
+              else eval_transform(img_size, mean, std))
         dataset = _FolderDataset(split, tf)
         self.generator = torch.Generator()
-        self.seed, self.epoch = seed, 0
-        self.sampler = None
+        self.seed, self.epoch, self.sampler = seed, 0, None
         if world_size > 1 and train:
-            self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+            self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                              drop_last=True)
         elif world_size > 1:
             dataset = Subset(dataset, range(rank, len(dataset), world_size))
-        self.loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train and self.sampler is None,
-            sampler=self.sampler,
-            drop_last=train and len(split) > batch_size * world_size,
-            num_workers=num_workers,
-            generator=self.generator,
-            persistent_workers=False,
-        )
+        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=train and self.sampler is None,
+                                 sampler=self.sampler, drop_last=train and len(split) > batch_size * world_size,
+                                 num_workers=num_workers, generator=self.generator, persistent_workers=False)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -9,9 +9,8 @@ from ..preprocess import GRAY_MODES, check_image, eval_transform, load_image  # 
 from .augment import AugmentSpec, image_policy
 
 
-def train_transform(
-    img_size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...], *, augment: AugmentSpec, hflip: bool
-) -> v2.Transform:
+def train_transform(img_size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...], *,
+                    augment: AugmentSpec, hflip: bool) -> v2.Transform:
     """Random resized crop (scale 0.5-1; 0.08-1 with a policy, as DeiT), flips where labels allow,
     the preset's policy on uint8 pixels, then normalisation and random erasing."""
     if not augment.crop and augment.policy == "none" and not augment.random_erasing and not hflip:

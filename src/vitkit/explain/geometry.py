@@ -1,21 +1,13 @@
-"""Where each family's attention probabilities sit on the image.
+"""Where each family's attention probabilities sit on the image: rollout needs square token-to-token
+matrices on one map and, for hierarchical models, matrices linking a stage's map to the previous one.
 
-`forward_intermediates(..., return_attn=True)` returns attention in each family's own layout. Rollout
-needs square token-to-token matrices on one map, and, for hierarchical models, matrices linking a
-stage's map to the previous one. This module builds both:
-
-* ViT, DeiT, BEiT, hybrids: every block attends globally over `P` prefix tokens and the patch grid;
-  the probabilities are already square.
-* Swin (Liu et al. 2021): the contract gives each stage's last block, `(B * windows, heads, n, n)`
-  over windows of the cyclically rolled and padded map. `swin_to_global` puts every window back
-  where it came from (the same `window_partition` the model uses, applied to token indices), so a
-  shifted window's attention lands on the tokens it really mixed; padding is dropped.
-* CvT (Wu et al. 2021): keys and values are squeezed by a strided convolution, so attention is
-  `(P + H*W) x (P + H_kv*W_kv)`. Each key token is spread evenly over the query-map tokens under its
-  kernel (`receptive_field_matrix`), which makes the matrix square.
-* Between stages, Swin's patch merging and CvT's convolutional token embedding make each token
-  from a small window of the previous map; `receptive_field_matrix` spreads it evenly over that
-  window.
+* ViT, DeiT, BEiT, hybrids: global attention over `P` prefix tokens and the patch grid, already square.
+* Swin (Liu et al. 2021): each stage's last block, `(B * windows, heads, n, n)` over the rolled, padded
+  map; `swin_to_global` puts each window back with the model's `window_partition` on token indices.
+* CvT (Wu et al. 2021): keys are squeezed by a strided convolution, `(P + H*W) x (P + H_kv*W_kv)`;
+  each key is spread evenly over the tokens under its kernel (`receptive_field_matrix`).
+* Between stages (Swin's patch merging, CvT's convolutional embedding) each token comes from a small
+  window of the previous map; `receptive_field_matrix` spreads it evenly over that window.
 """
 
 from __future__ import annotations
@@ -31,16 +23,14 @@ def receptive_field_1d(n_out: int, n_in: int, kernel: int, stride: int, padding:
         lo = max(0, a * stride - padding)
         hi = min(n_in, a * stride - padding + kernel)
         if hi <= lo:
-            raise ValueError(
-                f"output {a} of a kernel {kernel}, stride {stride}, padding {padding} sees none of {n_in} inputs"
-            )
+            raise ValueError(f"output {a} of a kernel {kernel}, stride {stride}, padding {padding} sees none of "
+                             f"{n_in} inputs")
         m[a, lo:hi] = 1.0
     return m
 
 
-def receptive_field_matrix(
-    out_grid: tuple[int, int], in_grid: tuple[int, int], kernel: int, stride: int, padding: int
-) -> torch.Tensor:
+def receptive_field_matrix(out_grid: tuple[int, int], in_grid: tuple[int, int], kernel: int, stride: int,
+                           padding: int) -> torch.Tensor:
     """`(H_out * W_out, H_in * W_in)`, row-major maps: each output token spread evenly over the input
     tokens under its (square) kernel; rows sum to 1."""
     rows = receptive_field_1d(out_grid[0], in_grid[0], kernel, stride, padding)
@@ -51,23 +41,17 @@ def receptive_field_matrix(
 
 def with_prefix(m: torch.Tensor, prefix: int) -> torch.Tensor:
     """Block-diagonal `[[I_prefix, 0], [0, m]]`: prefix tokens map to themselves."""
-    if prefix == 0:
-        return m
-    out = m.new_zeros(prefix + m.shape[0], prefix + m.shape[1])
-    out[:prefix, :prefix] = torch.eye(prefix, dtype=m.dtype)
-    out[prefix:, prefix:] = m
-    return out
+    return torch.block_diag(torch.eye(prefix, dtype=m.dtype, device=m.device), m)
 
 
 def check_global(attn: torch.Tensor, batch: int, grid: tuple[int, int], prefix: int, what: str) -> torch.Tensor:
     """Global attention must be `(B, heads, P + H*W, P + H*W)`."""
     T = prefix + grid[0] * grid[1]
     if attn.dim() != 4 or attn.shape[0] != batch or attn.shape[-2:] != (T, T):
-        raise ValueError(
-            f"{what} returned attention of shape {tuple(attn.shape)}, not global attention over {prefix} prefix "
-            f"tokens and a {grid[0]}x{grid[1]} map, (B={batch}, heads, {T}, {T}); vitkit.explain reads global "
-            "attention (ViT, DeiT, BEiT, hybrids), Swin's windows and CvT's squeezed keys"
-        )
+        raise ValueError(f"{what} returned attention of shape {tuple(attn.shape)}, not global attention over "
+                         f"{prefix} prefix tokens and a {grid[0]}x{grid[1]} map, (B={batch}, heads, {T}, {T}); "
+                         "vitkit.explain reads global attention (ViT, DeiT, BEiT, hybrids), Swin's windows and "
+                         "CvT's squeezed keys")
     return attn
 
 
@@ -84,14 +68,10 @@ def swin_window_index(grid: tuple[int, int], window: tuple[int, int], shift: tup
     return window_partition(idx, window).flatten(1)
 
 
-def swin_to_global(
-    attn: torch.Tensor, grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]
-) -> torch.Tensor:
-    """Windowed probabilities `(B * num_windows, heads, n, n)` -> `(B, heads, H*W, H*W)` on the map.
-
-    Entries between tokens of different windows are zero (they did not attend to each other in this
-    block); rows are renormalised after dropping the (masked, near-zero) padding keys.
-    """
+def swin_to_global(attn: torch.Tensor, grid: tuple[int, int], window: tuple[int, int],
+                   shift: tuple[int, int]) -> torch.Tensor:
+    """Windowed probabilities `(B * num_windows, heads, n, n)` -> `(B, heads, H*W, H*W)` on the map: zero
+    between windows (no attention in this block), rows renormalised without the (masked) padding keys."""
     index = swin_window_index(grid, window, shift).to(attn.device)  # (nW, n)
     nW, n = index.shape
     if attn.dim() != 4 or attn.shape[0] % nW or attn.shape[-2:] != (n, n):
@@ -106,16 +86,13 @@ def swin_to_global(
     return out / out.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def cvt_to_square(
-    attn: torch.Tensor, grid: tuple[int, int], prefix: int, kernel: int, stride: int, padding: int
-) -> torch.Tensor:
+def cvt_to_square(attn: torch.Tensor, grid: tuple[int, int], prefix: int, kernel: int, stride: int,
+                  padding: int) -> torch.Tensor:
     """Squeezed-key probabilities `(B, heads, P + H*W, P + Hkv*Wkv)` -> `(B, heads, P + H*W, P + H*W)`."""
     n_kv = attn.shape[-1] - prefix
     kv_grid = tuple((g + 2 * padding - kernel) // stride + 1 for g in grid)
     if attn.dim() != 4 or attn.shape[-2] != prefix + grid[0] * grid[1] or n_kv != kv_grid[0] * kv_grid[1]:
-        raise ValueError(
-            f"CvT attention of shape {tuple(attn.shape)} does not match a {grid[0]}x{grid[1]} map with {prefix} "
-            f"prefix tokens and {kv_grid[0]}x{kv_grid[1]} keys"
-        )
+        raise ValueError(f"CvT attention of shape {tuple(attn.shape)} does not match a {grid[0]}x{grid[1]} map "
+                         f"with {prefix} prefix tokens and {kv_grid[0]}x{kv_grid[1]} keys")
     spread = with_prefix(receptive_field_matrix(kv_grid, grid, kernel, stride, padding), prefix)
     return attn @ spread.to(attn)

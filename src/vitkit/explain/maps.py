@@ -1,12 +1,9 @@
 """Heat maps of what a classifier looks at: `attention_map`, `rollout` and `gradcam`.
 
-Every map is taken through the model contract: `forward_intermediates(..., return_attn=True)`
-switches the attention layers to their explicit path and returns the probabilities, so nothing
-depends on a forward hook that a fused kernel would skip. A model that returns no probabilities,
-or probabilities in a layout this module cannot place on the image, raises `ValueError`; a map is
-never silently empty.
-
-All functions take normalised images `(B, C, H, W)` (what the model was trained on) and return maps
+Maps come through the model contract: `forward_intermediates(..., return_attn=True)` returns the
+probabilities of the explicit attention path, so no forward hook that a fused kernel would skip is
+needed. A model whose probabilities are missing or cannot be placed on the image raises `ValueError`;
+a map is never silently empty. Functions take normalised images `(B, C, H, W)` and return maps
 `(B, H, W)` (or `(B, heads, H, W)`) scaled to [0, 1] per image, at the input's resolution.
 """
 
@@ -76,20 +73,18 @@ def capture(model: nn.Module, images: torch.Tensor) -> Capture:
     out = model.forward_intermediates(images, None, output_fmt="NCHW", return_attn=True)
     attns, maps = list(out.attentions), list(out.intermediates)
     if not attns or len(attns) != len(maps) or any(a is None for a in attns):
-        raise ValueError(
-            f"{_name(model)}.forward_intermediates(return_attn=True) returned no attention probabilities "
-            f"({len(attns)} for {len(maps)} blocks); attention maps need a model whose contract returns them"
-        )
+        raise ValueError(f"{_name(model)}.forward_intermediates(return_attn=True) returned no attention "
+                         f"probabilities ({len(attns)} for {len(maps)} blocks); attention maps need a model whose "
+                         "contract returns them")
     grids = [tuple(m.shape[-2:]) for m in maps]
     return _family_capture(model, images.shape[0], grids, attns, out.features)
 
 
 def _family_capture(model: nn.Module, batch: int, grids: list, attns: list, features: torch.Tensor) -> Capture:
-    """Place each attention map on its token map as the model's `attention_stages` describes it:
-    consecutive entries on one map form a stage, and a new map starts where an entry says how it
-    was embedded from the previous one."""
+    """Place each attention on its token map as `attention_stages` describes: entries on one map form a
+    stage; a new stage starts where an entry says how its map was embedded from the previous one."""
     stages: list[Stage] = []
-    downs: list[torch.Tensor] = []
+    downs: list[torch.Tensor] = []  # (N_s, N_{s-1})
     for grid, attn, where in zip(grids, attns, model.attention_stages(grids)):
         if where.window is not None:
             square = lambda a, g=grid, w=where: geometry.swin_to_global(a, g, w.window, w.shift)  # noqa: E731
@@ -114,18 +109,12 @@ def _identity(a: torch.Tensor) -> torch.Tensor:
 
 
 def head_query(model: nn.Module, features: torch.Tensor, stage: Stage) -> torch.Tensor:
-    """`(B, T)` weights of the last stage's tokens that the classifier reads, summing to 1.
-
-    The tokens are found from the head itself: those with a non-zero gradient of the logits. A
-    class-token model reads its prefix token(s) (DeiT both of them: its inference averages the two
-    heads), a pooling model every map token; this is what the `query` row of rollout must be.
-    """
+    """`(B, T)` weights of the last stage's tokens that the classifier reads (a non-zero gradient of the
+    logits), summing to 1: the `query` row of rollout. A class-token model reads its prefix token(s)
+    (DeiT both: its inference averages the two heads), a pooling model every map token."""
     f = features.detach().float().requires_grad_(True)
     with torch.enable_grad():
-        logits = model.forward_head(f)
-        if isinstance(logits, tuple):
-            logits = sum(logits) / len(logits)
-        (grad,) = torch.autograd.grad(logits.sum(), f)
+        (grad,) = torch.autograd.grad(_logits(model, f).sum(), f)
     g = grad.flatten(1, -2) if grad.dim() == 4 else grad  # Swin's NHWC map -> (B, H*W, C)
     if g.shape[1] != stage.tokens:
         raise ValueError(f"{_name(model)} features have {g.shape[1]} tokens, expected {stage.tokens}")
@@ -133,6 +122,12 @@ def head_query(model: nn.Module, features: torch.Tensor, stage: Stage) -> torch.
     if not reads.any():  # a head of zeros reads nothing: weigh every map token
         reads[stage.prefix :] = 1.0
     return (reads / reads.sum()).expand(features.shape[0], -1)
+
+
+def _logits(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The head's logits; a model with two heads (DeiT) predicts their average."""
+    logits = model.forward_head(features)
+    return sum(logits) / len(logits) if isinstance(logits, tuple) else logits
 
 
 def to_image(maps: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
@@ -146,18 +141,14 @@ def to_image(maps: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -
 
 
 @torch.no_grad()
-def rollout(
-    model: nn.Module, images: torch.Tensor, *, head_fusion: str = "mean", discard_ratio: float = 0.0
-) -> torch.Tensor:
+def rollout(model: nn.Module, images: torch.Tensor, *, head_fusion: str = "mean",
+            discard_ratio: float = 0.0) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema 2020) from the tokens the head reads to the input, `(B, H, W)`.
 
-    ViT, DeiT, BEiT and hybrids: every block. Swin and CvT: the contract returns each stage's last
-    block, so the rollout composes those stages, through Swin's shifted windows and patch merging
-    and CvT's squeezed keys and convolutional token embeddings (see `geometry`); the other blocks
-    of a stage count as the identity of their residual path.
-
-    head_fusion: mean, max or min over heads. discard_ratio: the share of each block's fused
-    attention entries (each window's, for Swin) zeroed before the identity is added.
+    ViT, DeiT, BEiT and hybrids: every block. Swin and CvT: each stage's last block (what the
+    contract returns), composed through the stages (see `geometry`); a stage's other blocks count
+    as the identity of their residual path. head_fusion: mean, max or min over heads;
+    discard_ratio: the share of each block's fused entries (each window's, for Swin) zeroed.
     """
     images = _check_images(model, images)
     with _eval_mode(model):
@@ -165,8 +156,7 @@ def rollout(
         query = head_query(model, cap.features, cap.stages[-1])
         rolled = []
         for st in cap.stages:
-            # Fuse heads and discard weak links on the attention as the model computed it (per
-            # window for Swin, over squeezed keys for CvT), then place it on the stage's map.
+            # Fuse and discard on the attention as computed (per window, over squeezed keys), then place it.
             fused = [discard_lowest(fuse_heads(a.float(), head_fusion), discard_ratio) for a in st.attentions]
             square = [st.to_square(a.unsqueeze(1)).squeeze(1) for a in fused]
             rolled.append((rollout_matrices(square), st.prefix))
@@ -175,14 +165,11 @@ def rollout(
 
 
 @torch.no_grad()
-def attention_map(
-    model: nn.Module, images: torch.Tensor, *, per_head: bool = False, head_fusion: str = "mean"
-) -> torch.Tensor:
+def attention_map(model: nn.Module, images: torch.Tensor, *, per_head: bool = False,
+                  head_fusion: str = "mean") -> torch.Tensor:
     """The last block's attention from the tokens the head reads (the class token, or all tokens of
-    a pooling model): `(B, H, W)` with heads fused, or `(B, heads, H, W)` with `per_head`.
-
-    Swin: the last stage's last block, its windows placed on the map; CvT: the last stage's last
-    block, each squeezed key spread over the tokens under its kernel.
+    a pooling model): `(B, H, W)` with heads fused, or `(B, heads, H, W)` with `per_head`. Swin's
+    windows are placed on the map, CvT's squeezed keys spread over the tokens under their kernel.
     """
     images = _check_images(model, images)
     with _eval_mode(model):
@@ -199,10 +186,9 @@ def gradcam(model: nn.Module, images: torch.Tensor, *, target: int | torch.Tenso
     """Grad-CAM (Selvaraju et al. 2017) on the last block's tokens, `(B, H, W)`; works for every family.
 
     Channel weights are the map-averaged gradients of the target logit (default: the predicted
-    class); the map is the ReLU of the weighted channel sum. The tokens are those the head reads
-    after the last block (for pooling models: Swin, BEiT, GAP ViTs; there Grad-CAM is CAM), or, for
-    class-token models whose head reads no map token at the end, the input of the last block
-    (stage, for CvT), which that block's attention mixes into the class token.
+    class); the map is the ReLU of the weighted channel sum. The tokens are the last block's output
+    when the head reads map tokens (Swin, BEiT, GAP ViTs; there Grad-CAM is CAM), else the input of
+    the last block (stage, for CvT), which its attention mixes into the class token.
     """
     images = _check_images(model, images)
     n = model.num_blocks
@@ -212,12 +198,9 @@ def gradcam(model: nn.Module, images: torch.Tensor, *, target: int | torch.Tenso
         with torch.enable_grad():
             out = model.forward_intermediates(images, [n - 2, n - 1] if n > 1 else [n - 1], output_fmt="NLC")
             feats = out.features
-            logits = model.forward_head(feats)
-            if isinstance(logits, tuple):
-                logits = sum(logits) / len(logits)
-            tgt = _target(logits, target)
-            score = logits.gather(1, tgt[:, None]).sum()
-            last = Stage(grids[-1], _prefix(model, n - 1), [], lambda a: a)
+            logits = _logits(model, feats)
+            score = logits.gather(1, _target(logits, target)[:, None]).sum()
+            last = Stage(grids[-1], _prefix(model, n - 1), [], _identity)
             reads_map = head_query(model, feats, last)[0, last.prefix :].sum() > 0
             if reads_map:
                 tokens, grid, prefix = feats, last.grid, last.prefix

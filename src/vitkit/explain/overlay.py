@@ -56,67 +56,50 @@ def _display(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np
     return img[0] if img.shape[0] == 1 else img[:3].transpose(1, 2, 0)
 
 
-def explain_files(
-    run: Any,
-    files: Sequence[str | Path],
-    out_dir: str | Path,
-    *,
-    methods: Sequence[str] = ("rollout",),
-    head_fusion: str = "mean",
-    discard_ratio: float = 0.0,
-    target: str | None = None,
-) -> list[Path]:
+def explain_files(run: Any, files: Sequence[str | Path], out_dir: str | Path, *, methods: Sequence[str] = ("rollout",),
+                  head_fusion: str = "mean", discard_ratio: float = 0.0, target: str | None = None) -> list[Path]:
     """Write `OUT/<image stem>_<method>.png` for every image and method; return the paths.
 
-    run: a `vitkit.run.Run` (`load_run`). target: a class name for Grad-CAM (default: the
-    predicted class). Errors (unknown method, a model without attention maps) are raised before
-    anything is written.
+    run: a `vitkit.run.Run` (`load_run`). target: a class name for Grad-CAM (default: the predicted
+    class). Errors (unknown method, a model without attention maps) are raised before anything is written.
     """
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method {bad[0]!r}: choose from {', '.join(METHODS)}")
     if target is not None and target not in run.classes:
         raise ValueError(f"--target {target!r} is not one of the run's classes ({', '.join(run.classes[:10])}...)")
-    mean, std = run.record.mean, run.record.std
+    tgt = run.classes.index(target) if target is not None else None
+    what = f"class {target}" if target is not None else "the predicted class"
+    titles = {"rollout": f"rollout, heads {head_fusion}, discard {discard_ratio:g}",
+              "attention": "last-block attention", "gradcam": f"Grad-CAM for {what}"}
     out, written, used = Path(out_dir), [], set()
     for start in range(0, len(files), 16):
         chunk = list(files[start : start + 16])
         x = run.preprocess(chunk).to(run.device)
         with torch.no_grad():
-            probs = run.model(x).float().softmax(dim=-1)
-        conf, pred = probs.max(dim=-1)
-        maps = {}
+            conf, pred = run.model(x).float().softmax(dim=-1).max(dim=-1)
+        panels = {}  # method -> [(label, maps (B, H, W))]
         for m in methods:  # every map first, so a model that cannot explain itself writes nothing
             if m == "rollout":
-                maps[m] = rollout(run.model, x, head_fusion=head_fusion, discard_ratio=discard_ratio)
+                panels[m] = [("rollout", rollout(run.model, x, head_fusion=head_fusion, discard_ratio=discard_ratio))]
             elif m == "attention":
-                maps[m] = (attention_map(run.model, x, head_fusion=head_fusion),
-                           attention_map(run.model, x, per_head=True))
+                heads = attention_map(run.model, x, per_head=True)
+                panels[m] = [(f"heads: {head_fusion}", attention_map(run.model, x, head_fusion=head_fusion))]
+                panels[m] += [(f"head {h}", heads[:, h]) for h in range(heads.shape[1])]
             else:
-                tgt = run.classes.index(target) if target is not None else None
-                maps[m] = gradcam(run.model, x, target=tgt)
+                panels[m] = [("Grad-CAM", gradcam(run.model, x, target=tgt))]
         for i, f in enumerate(chunk):
-            img = _display(x[i], mean, std)
+            img = _display(x[i], run.record.mean, run.record.std)
             head = f"{Path(f).name}: predicted {run.classes[int(pred[i])]} ({100 * float(conf[i]):.0f}%)"
             for m in methods:
-                if m == "attention":
-                    fused, heads = maps[m]
-                    panels = [(f"heads: {head_fusion}", fused[i].cpu().numpy())]
-                    panels += [(f"head {h}", heads[i, h].cpu().numpy()) for h in range(heads.shape[1])]
-                    title = f"{head}\nlast-block attention"
-                elif m == "rollout":
-                    panels = [("rollout", maps[m][i].cpu().numpy())]
-                    title = f"{head}\nrollout, heads {head_fusion}, discard {discard_ratio:g}"
-                else:
-                    what = f"class {target}" if target is not None else "the predicted class"
-                    panels = [("Grad-CAM", maps[m][i].cpu().numpy())]
-                    title = f"{head}\nGrad-CAM for {what}"
                 name = f"{Path(f).stem}_{m}.png"
                 k = 1
                 while name in used:  # two inputs with one name (from different folders)
                     k += 1
                     name = f"{Path(f).stem}-{k}_{m}.png"
                 used.add(name)
-                atomic_write(out / name, figure_png(img, panels, title))
+                figure = figure_png(img, [(label, maps[i].cpu().numpy()) for label, maps in panels[m]],
+                                    f"{head}\n{titles[m]}")
+                atomic_write(out / name, figure)
                 written.append(out / name)
     return written

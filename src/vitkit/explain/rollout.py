@@ -1,14 +1,11 @@
 """Attention rollout (Abnar & Zuidema 2020, "Quantifying Attention Flow in Transformers").
 
 A block's output token i is `x_i + sum_j A_ij v_j`: the residual keeps half of what flows through,
-so the block is modelled as `0.5 * A + 0.5 * I`. Rows are renormalised and the per-block matrices
-multiplied from the first block to the last; row `q` of the product says how much of output token
-`q` comes from each input token. The head fusion and the discarding of the weakest links follow the
-widely used reference code (jacobgil/vit-explain): fuse heads (mean, max or min), zero the lowest
-`discard_ratio` of the fused entries, add the identity, renormalise.
-
-Everything here is pure tensor algebra on attention probabilities; `vitkit.explain.maps` obtains
-them from a model through the model contract.
+so the block is modelled as `0.5 * A + 0.5 * I`, rows renormalised; the product of the blocks'
+matrices, first to last, says in row `q` how much of output token `q` comes from each input token.
+As in the reference code (jacobgil/vit-explain): fuse heads (mean, max or min), zero the lowest
+`discard_ratio` of the fused entries, add the identity, renormalise. Pure tensor algebra:
+`vitkit.explain.maps` obtains the probabilities through the model contract.
 """
 
 from __future__ import annotations
@@ -43,14 +40,11 @@ def discard_lowest(attn: torch.Tensor, ratio: float) -> torch.Tensor:
     return (flat * (flat > threshold)).view_as(attn)
 
 
-def rollout_matrices(
-    attentions: Sequence[torch.Tensor], *, head_fusion: str = "mean", discard_ratio: float = 0.0
-) -> torch.Tensor:
-    """Roll attention out over blocks, first to last.
-
-    attentions: one per block, `(B, heads, N, N)` probabilities, or `(B, N, N)` already fused.
-    Returns `(B, N, N)`: `R = Ã_L ... Ã_1` with `Ã = rownorm(fused(A) + I)`; with mean fusion and
-    no discarding `Ã = 0.5 * A + 0.5 * I` exactly (rows of A sum to 1).
+def rollout_matrices(attentions: Sequence[torch.Tensor], *, head_fusion: str = "mean",
+                     discard_ratio: float = 0.0) -> torch.Tensor:
+    """Roll attention out over blocks, first to last: one per block, `(B, heads, N, N)` or `(B, N, N)`
+    fused, -> `(B, N, N)` `R = Ã_L ... Ã_1` with `Ã = rownorm(fused(A) + I)`; with mean fusion and no
+    discarding `Ã = 0.5 * A + 0.5 * I` exactly (rows of A sum to 1).
     """
     if not attentions:
         raise ValueError("attention rollout needs the attention of at least one block")
@@ -66,21 +60,16 @@ def rollout_matrices(
     return result
 
 
-def hierarchical_rollout(
-    query: torch.Tensor,
-    stages: Sequence[tuple[torch.Tensor, int]],
-    downsamples: Sequence[torch.Tensor],
-) -> torch.Tensor:
+def hierarchical_rollout(query: torch.Tensor, stages: Sequence[tuple[torch.Tensor, int]],
+                         downsamples: Sequence[torch.Tensor]) -> torch.Tensor:
     """Trace a pooled output back through stages that change resolution (Swin, CvT).
 
-    query: `(B, T_last)` weights of the tokens the head reads in the last stage.
-    stages: per stage, first to last, `(R, P)`: the stage's rollout `(B, T, T)` over its `P` prefix
-        tokens followed by its `N` map tokens (`T = P + N`).
-    downsamples: `D_s` for s = 1..S-1, `(N_s, N_{s-1})`: each row spreads a token of stage s over
-        the tokens of stage s-1 it was made from (patch merging, convolutional token embedding).
-    Returns `(B, N_0)`, the relevance of the first stage's map tokens. Prefix tokens (CvT's class
-    token joins in the last stage) are learned parameters with no place on the image, so their
-    share is dropped when leaving a stage, as plain rollout drops the class-token column.
+    query: `(B, T_last)` weights of the tokens the head reads in the last stage. stages: per stage,
+    first to last, `(R, P)`: its rollout `(B, T, T)` over `P` prefix then `N` map tokens. downsamples:
+    `D_s` `(N_s, N_{s-1})` for s >= 1, spreading each token of stage s over the tokens of stage s-1
+    it was made from. Returns `(B, N_0)`, the relevance of the first stage's map tokens. Prefix
+    tokens (CvT's class token) have no place on the image: their share is dropped when leaving a
+    stage, as plain rollout drops the class-token column.
     """
     if len(downsamples) != len(stages) - 1:
         raise ValueError(f"{len(stages)} stages need {len(stages) - 1} downsampling matrices, got {len(downsamples)}")

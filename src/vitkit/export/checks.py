@@ -30,17 +30,13 @@ def onnx_runner(path: str | Path, threads: int | None = None) -> Callable[[np.nd
 
 
 def quantize_int8(src: str | Path, dst: str | Path) -> Path:
-    """Dynamic int8 quantisation of the linear layers of an ONNX model (onnxruntime).
-
-    Weights of MatMul/Gemm nodes with a constant weight (every `nn.Linear`: qkv, projections, MLP,
-    head) are stored as int8; activations are quantised per batch at run time. Attention's
-    activation-by-activation products, the convolutions and the norms stay in fp32.
-    """
+    """Dynamic int8 quantisation of an ONNX model's linear layers (onnxruntime): constant MatMul/Gemm
+    weights (every `nn.Linear`) are stored as int8, activations quantised per batch at run time;
+    attention's activation products, the convolutions and the norms stay in fp32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # onnxruntime logs advice to run its pre-processing pass (shape inference, graph optimisation)
-    # on the root logger; on our exports that pass changes nothing that is quantised (checked: the
-    # same 17 MatMulInteger nodes for vit_pico_conv4_28 with and without it).
+    # onnxruntime advises its pre-processing pass on the root logger; on our exports it changes nothing
+    # that is quantised (checked: the same 17 MatMulInteger nodes for vit_pico_conv4_28 either way).
     logging.disable(logging.WARNING)
     try:
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
@@ -50,11 +46,8 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
 
 
 def int8_accuracy(run, fp32_file: str | Path, int8_file: str | Path, *, batch_size: int = 256) -> dict[str, Any]:
-    """Top-1 of the fp32 and int8 ONNX models on the run's validation split, and how often they agree.
-
-    Returns `fp32_acc1` and `int8_acc1` (%), `change` (int8 - fp32, percentage points),
-    `agreement` (% of images with the same top-1 class), `n`, and both file sizes in bytes.
-    """
+    """Top-1 of the fp32 and int8 ONNX models on the run's validation split: `fp32_acc1`, `int8_acc1` (%),
+    `change` (points), `agreement` (% of images with the same top-1 class), `n`, and both file sizes."""
     from ..data import load_data, make_loader
 
     rec = run.record

@@ -48,21 +48,11 @@ class ExportResult:
         return self.max_abs_diff <= PARITY_TOL
 
 
-def export_run(
-    run_dir: str | Path,
-    format: str = "onnx",
-    out: str | Path | None = None,
-    *,
-    dynamic_batch: bool = True,
-    int8: bool = False,
-    weights: str = "auto",
-) -> ExportResult:
-    """Export the model of a run directory to `out` (default `RUN_DIR/export-FORMAT`).
-
-    The export is run on seeded random inputs of batch 1 and 3 (batch 1 only without a dynamic
-    batch axis) and compared with the PyTorch model; `int8` adds an onnxruntime dynamic-int8 copy
-    and its top-1 accuracy change on the run's validation split.
-    """
+def export_run(run_dir: str | Path, format: str = "onnx", out: str | Path | None = None, *, dynamic_batch: bool = True,
+               int8: bool = False, weights: str = "auto") -> ExportResult:
+    """Export the model of a run directory to `out` (default `RUN_DIR/export-FORMAT`), compared with PyTorch
+    on seeded random inputs of batch 1 and 3 (1 only without a dynamic batch axis); `int8` adds an
+    onnxruntime dynamic-int8 copy and its top-1 accuracy change on the run's validation split."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if int8 and format != "onnx":
@@ -81,22 +71,20 @@ def export_run(
     if int8:
         quantize_int8(model_file, out_dir / INT8_FILE)
         result.int8 = {"file": INT8_FILE, **int8_accuracy(run, model_file, out_dir / INT8_FILE)}
-    write_preprocess(
-        out_dir, pre, format=format, model_file=model_file.name, int8_file=INT8_FILE if int8 else None,
-        input={"name": INPUT_NAME, "batch": "dynamic" if dynamic_batch else 1},
-        output={"name": OUTPUT_NAME, "note": "logits; softmax gives class probabilities in the order of `classes`"},
-        source={"run": str(Path(run_dir).resolve()), "model": run.record.model, "weights": run.weights},
-        parity={"max_abs_diff": diff, "tolerance": PARITY_TOL, "batch_sizes": list(batch_sizes),
-                "reference": "PyTorch eager, fp32, seeded random inputs"},
-        int8=result.int8,
-    )
+    note = "logits; softmax gives class probabilities in the order of `classes`"
+    write_preprocess(out_dir, pre, format=format, model_file=model_file.name, int8_file=INT8_FILE if int8 else None,
+                     input={"name": INPUT_NAME, "batch": "dynamic" if dynamic_batch else 1},
+                     output={"name": OUTPUT_NAME, "note": note},
+                     source={"run": str(Path(run_dir).resolve()), "model": run.record.model, "weights": run.weights},
+                     parity={"max_abs_diff": diff, "tolerance": PARITY_TOL, "batch_sizes": list(batch_sizes),
+                             "reference": "PyTorch eager, fp32, seeded random inputs"}, int8=result.int8)
     return result
 
 
 @contextlib.contextmanager
 def _quiet_tracing() -> Iterator[None]:
-    """Silence what tracing always says about our models: shape checks become constants (the
-    export has a fixed image size on purpose), and the TorchScript-based exporters are deprecated."""
+    """Silence what tracing always says: shape checks become constants (the image size is fixed on
+    purpose), and the TorchScript-based exporters are deprecated."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
@@ -107,12 +95,9 @@ def _quiet_tracing() -> Iterator[None]:
 
 
 def to_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool = True) -> None:
-    """ONNX through the TorchScript-based exporter.
-
-    torch's newer `dynamo=True` exporter needs the extra `onnxscript` package and, in torch 2.14,
-    fails to decompose Swin's and the plain ViTs' attention reshapes with a symbolic batch; the
-    traced exporter handles every family, and the parity check guards what tracing could get wrong.
-    """
+    """ONNX through the TorchScript-based exporter: `dynamo=True` needs `onnxscript` and, in torch 2.14,
+    fails on Swin's and the plain ViTs' attention reshapes with a symbolic batch; tracing handles every
+    family, and the parity check guards what it could get wrong."""
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     with _quiet_tracing():
         torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=[INPUT_NAME],
@@ -132,16 +117,12 @@ def to_exported_program(model: nn.Module, example: torch.Tensor, path: Path, dyn
 
 
 _EXPORTERS: dict[str, Callable[[nn.Module, torch.Tensor, Path, bool], None]] = {
-    "onnx": to_onnx, "torchscript": to_torchscript, "exported-program": to_exported_program,
-}
+    "onnx": to_onnx, "torchscript": to_torchscript, "exported-program": to_exported_program}
 
 
 def load_exported(format: str, path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A callable `x -> logits` from an export file.
-
-    TorchScript and `.pt2` archives are unpickled when loaded, so open only files you made;
-    ONNX files are protobuf and run in onnxruntime.
-    """
+    """A callable `x -> logits` from an export file. TorchScript and `.pt2` archives are unpickled when
+    loaded, so open only files you made; ONNX files are protobuf and run in onnxruntime."""
     if format == "onnx":
         run_onnx = onnx_runner(path)
         return lambda x: torch.from_numpy(run_onnx(x.numpy()))

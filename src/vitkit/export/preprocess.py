@@ -1,9 +1,6 @@
-"""`preprocess.json`: what an exported model expects as input, written next to it.
-
-An export must be usable without vitkit and without the run directory, so the file states every
-step of the evaluation transform (`vitkit.preprocess.eval_transform`) in plain terms, plus the class
-names in logit order. vitkit reads it back to serve an ONNX export exactly as the run predicts.
-"""
+"""`preprocess.json`, next to an exported model: so that it is usable without vitkit or the run, every
+step of the evaluation transform (`vitkit.preprocess.eval_transform`) in plain terms and the class names
+in logit order. vitkit reads it back to serve an ONNX export exactly as the run predicts."""
 
 from __future__ import annotations
 
@@ -42,18 +39,9 @@ def read_preprocess(folder: str | Path) -> tuple[Preprocess, dict[str, Any]]:
 def preprocess_dict(pre: Preprocess) -> dict[str, Any]:
     """Every step of the evaluation transform in plain terms, for code that does not use vitkit."""
     h, w = pre.img_size
-    return {
-        "mode": pre.mode,
-        "img_size": [h, w],
-        "resize_shorter_side": min(h, w),
-        "interpolation": "bilinear",
-        "antialias": True,
-        "center_crop": [h, w],
-        "mean": list(pre.mean),
-        "std": list(pre.std),
-        "layout": "NCHW",
-        "dtype": "float32",
-        "steps": (f"convert to {pre.mode}; resize the shorter side to {min(h, w)} px (bilinear, antialiased); "
-                  f"centre-crop to {h}x{w}; divide pixel values by 255; subtract mean and divide by std per "
-                  "channel; stack as float32 (batch, channels, height, width)"),
-    }
+    return {"mode": pre.mode, "img_size": [h, w], "resize_shorter_side": min(h, w), "interpolation": "bilinear",
+            "antialias": True, "center_crop": [h, w], "mean": list(pre.mean), "std": list(pre.std), "layout": "NCHW",
+            "dtype": "float32",
+            "steps": (f"convert to {pre.mode}; resize the shorter side to {min(h, w)} px (bilinear, antialiased); "
+                      f"centre-crop to {h}x{w}; divide pixel values by 255; subtract mean and divide by std per "
+                      "channel; stack as float32 (batch, channels, height, width)")}

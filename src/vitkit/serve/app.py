@@ -50,13 +50,9 @@ _UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-
 
 
 class UploadLimit:
-    """ASGI middleware: a request body over `max_bytes` gets 413 before the app sees it.
-
-    A declared Content-Length over the limit is refused without parsing; a body without one
-    (chunked) is counted as it streams. Either way the rest of the body is read and dropped, up
-    to `DRAIN_LIMIT`, so that the client, still sending, receives the 413 instead of a reset
-    connection; beyond that the connection is closed.
-    """
+    """ASGI middleware: a request body over `max_bytes` (declared, or counted as a chunked body streams) gets
+    413 before the app sees it. The rest is read and dropped (up to `DRAIN_LIMIT`; beyond, the connection
+    is closed) so that a client still sending receives the 413 instead of a reset connection."""
 
     DRAIN_LIMIT = 256 * 2**20
 
@@ -136,10 +132,7 @@ class RequestStats:
 
 
 class PredictStats:
-    """ASGI middleware, outermost: times each request to /predict and records its status in `stats`.
-
-    Outside UploadLimit, so that its 413s are counted too.
-    """
+    """ASGI middleware, outermost (so UploadLimit's 413s count): times each /predict and records its status."""
 
     def __init__(self, app, stats: RequestStats) -> None:
         self.app, self.stats = app, stats
@@ -244,31 +237,21 @@ class _Server:
         b = [x.stats() for x in self.batchers.values()]
         run, batches, by_status = sum(s["requests"] for s in b), sum(s["batches"] for s in b), self.stats.by_status
         return {"requests": sum(by_status.values()), "by_status": {str(k): v for k, v in sorted(by_status.items())},
-                "rejected": self.rejected, "timed_out": by_status[504],
-                "latency_ms": self.stats.percentiles_ms(),
+                "rejected": self.rejected, "timed_out": by_status[504], "latency_ms": self.stats.percentiles_ms(),
                 "queue": {"depth": self.capacity.depth, "max": self.capacity.limit, "peak": self.capacity.peak},
                 "batches": batches, "mean_batch_size": round(run / batches, 3) if batches else None,
                 "largest_batch": max(s["largest_batch"] for s in b), "max_batch": self.max_batch,
                 "dropped": sum(s["dropped"] for s in b), "uptime_s": round(time.monotonic() - self.stats.started, 1)}
 
 
-def create_app(
-    predictor: TorchPredictor | OnnxPredictor,
-    *,
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
-    max_batch: int = 32,
-    max_wait_ms: float = 2.0,
-    max_queue: int = DEFAULT_MAX_QUEUE,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    decode_threads: int | None = None,
-) -> FastAPI:
-    """The FastAPI app serving `predictor` (see `load_predictor`).
-
-    `max_queue`: requests waiting at once (from admission to the start of their batch), more get
-    503; `timeout_s`: a request not answered by then gets 504 and its work is dropped;
-    `max_image_pixels`: larger images (or resized copies) get 413; `decode_threads`: default min(4, cores).
-    """
+def create_app(predictor: TorchPredictor | OnnxPredictor, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+               max_batch: int = 32, max_wait_ms: float = 2.0, max_queue: int = DEFAULT_MAX_QUEUE,
+               timeout_s: float = DEFAULT_TIMEOUT_S, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               decode_threads: int | None = None) -> FastAPI:
+    """The FastAPI app serving `predictor` (see `load_predictor`). `max_queue`: requests waiting at once
+    (from admission to the start of their batch), more get 503; `timeout_s`: a request not answered by
+    then gets 504 and its work is dropped; `max_image_pixels`: larger images (or resized copies) get
+    413; `decode_threads`: default min(4, cores)."""
     for name, value in (("max_upload_bytes", max_upload_bytes), ("max_queue", max_queue),
                         ("timeout_s", timeout_s), ("max_image_pixels", max_image_pixels)):
         if value <= 0:
@@ -309,8 +292,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         topk: int = Query(5, ge=1, le=1000, description="number of classes to return"),
         attention: bool = Query(False, description="add the attention-rollout map (served run directories)"),
     ) -> dict[str, Any]:
-        # The body is read here, not by FastAPI beforehand, so that a request refused for a full
-        # queue costs no upload in memory (uvicorn drops the unread body).
+        # Read here, not by FastAPI: a request refused for a full queue costs no upload (uvicorn drops it unread).
         ticket = server.admit()
         try:
             answer = server.classify(request, ticket, attention)
@@ -356,11 +338,9 @@ def _to_tensor(data: bytes, filename: str | None, preprocess, max_pixels: int) -
 
 
 def _check_pixels(data: bytes, filename: str | None, img_size: tuple[int, int], max_pixels: int) -> None:
-    """413 for an image over `max_pixels`, or whose copy resized for the model would be, from its header alone.
-
-    A decompression bomb is a small file declaring a huge image; a 1 x 10^7 strip is within the
-    limit but resizing its shorter side to the model's size would make it 10^7 times larger.
-    """
+    """413 for an image over `max_pixels`, or whose copy resized for the model would be, from its header alone:
+    a decompression bomb is a small file declaring a huge image, and a 1 x 10^7 strip within the limit
+    would grow 10^7 times when its shorter side is resized to the model's size."""
     with Image.open(io.BytesIO(data)) as im:  # parses the header; no pixel is decoded yet
         w, h = im.size
     if min(w, h) < 1:
@@ -385,11 +365,8 @@ def _unreadable(filename: str | None, e: Exception) -> HTTPException:
 
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, **app_options: Any) -> None:
-    """Serve a run directory or an ONNX export until interrupted (`vitkit serve`).
-
-    On SIGTERM or Ctrl-C uvicorn stops accepting connections and waits for the requests in
-    flight, then the queue is drained; no request outlives `timeout_s`, so neither does the wait.
-    """
+    """Serve a run directory or an ONNX export until interrupted (`vitkit serve`). On SIGTERM or Ctrl-C
+    uvicorn stops accepting, waits for open requests and the queue drains: no request outlives `timeout_s`."""
     import uvicorn
 
     grace = app_options.get("timeout_s", DEFAULT_TIMEOUT_S) + 5

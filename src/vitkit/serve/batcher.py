@@ -15,13 +15,9 @@ class QueueFull(RuntimeError):
 
 
 class Capacity:
-    """A bound on the requests waiting at once, from admission until their batch starts.
-
-    One `Capacity` can be shared by several batchers, so that the bound holds across them. The
-    server takes a place (`enter`) before it reads an upload, so the bound also covers the
-    uploads being received and decoded: what a burst costs in memory stays proportional to `limit`.
-    Used from the event loop only (no locking).
-    """
+    """A bound on the requests waiting at once, from admission until their batch starts, shared by batchers.
+    The server takes a place (`enter`) before it reads an upload, so the bound covers uploads being
+    received and decoded: a burst's memory stays proportional to `limit`. Event loop only (no locking)."""
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
@@ -54,12 +50,10 @@ class Ticket:
 class MicroBatcher(Generic[T, R]):
     """Queue single items, run `fn` on up to `max_batch` of them at a time in `executor`.
 
-    A batch takes what is waiting when the previous one finishes, then waits up to `max_wait_ms`
-    for more. While the model is busy, new requests pile up and go together into the next batch,
-    so batching grows with the load and an idle server adds at most `max_wait_ms` of latency.
-    `fn(items) -> results` must return one result per item, in order; an exception fails every
-    request of that batch. `capacity` bounds the queue (a number, or a `Capacity` shared with
-    other batchers; None: unbounded); `submit` raises QueueFull when it is full.
+    A batch takes what is waiting when the previous one finishes, then waits up to `max_wait_ms` for
+    more: batching grows with the load, and an idle server adds at most `max_wait_ms` of latency.
+    `fn(items)` returns one result per item, in order (an exception fails the batch). `capacity` bounds
+    the queue (a number, a shared `Capacity`, None: unbounded; full: QueueFull).
     """
 
     def __init__(self, fn: Callable[[list[T]], list[R]], executor: Executor, *, max_batch: int = 32,
@@ -75,15 +69,12 @@ class MicroBatcher(Generic[T, R]):
         self._closing = False
 
     def start(self) -> None:
-        """Start the batching loop on the running event loop."""
         self._queue, self._closing = asyncio.Queue(), False
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self, drain_timeout: float | None = None) -> None:
-        """Refuse new items, finish the queued ones (for at most `drain_timeout` s), then end the loop.
-
-        Whatever is still queued after the timeout fails with QueueFull.
-        """
+        """Refuse new items, finish the queued ones for at most `drain_timeout` s (the rest fail with
+        QueueFull), then end the loop."""
         self._closing = True
         if self._task is None:
             return
@@ -99,12 +90,9 @@ class MicroBatcher(Generic[T, R]):
             _fail([(None, future, ticket)], QueueFull("the server stopped before this request ran"))
 
     async def submit(self, item: T, ticket: Ticket | None = None) -> R:
-        """Queue `item` and wait for its result.
-
-        `ticket`: a place taken beforehand from `capacity` (the server takes it before reading the
-        upload); the batcher gives it back when the item leaves the queue. Without one, a place is
-        taken here, and QueueFull raised when there is none.
-        """
+        """Queue `item` and wait for its result. `ticket`: a place taken beforehand from `capacity` (before
+        reading the upload), given back when the item leaves the queue; without one a place is taken
+        here (QueueFull when there is none)."""
         if self._queue is None:
             raise RuntimeError("MicroBatcher.start() was not called")
         if self._closing:
@@ -140,11 +128,9 @@ class MicroBatcher(Generic[T, R]):
         batch = [await self._queue.get()]
         deadline = loop.time() + self.max_wait
         while len(batch) < self.max_batch:
-            try:
+            if not self._queue.empty():
                 batch.append(self._queue.get_nowait())
                 continue
-            except asyncio.QueueEmpty:
-                pass
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break

@@ -1,8 +1,7 @@
 """The web page served at `/`: one self-contained HTML file (inline CSS and JavaScript, no CDN).
 
-A person drops or picks an image; the page shows it as the model sees it (resized and
-centre-cropped), posts it to `/predict?attention=true`, and draws the top-5 classes with their
-probabilities and, when the server has one, the attention-rollout map over the image.
+A dropped or picked image is shown as the model sees it (resized, centre-cropped) and posted to
+`/predict?attention=true`; the page draws the top-5 classes and, if served, the rollout map over it.
 """
 
 PAGE = """<!doctype html>

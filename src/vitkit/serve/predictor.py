@@ -1,11 +1,9 @@
-"""What the server runs: a run directory in PyTorch, or an ONNX export in onnxruntime.
-
-Both return class probabilities for a preprocessed batch; the PyTorch one can also return an
-attention map per image for the web page.
-"""
+"""What the server runs: a run directory in PyTorch, or an ONNX export in onnxruntime. Both return class
+probabilities for a preprocessed batch; the PyTorch one also an attention map per image for the page."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -13,8 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..export.preprocess import PREPROCESS_FILE, read_preprocess
+from ..preprocess import load_image
 from ..run import CONFIG, load_run
-
 
 # Largest side of the attention map sent to the page: the token grids are smaller (14 for ViT-B/16
 # at 224 px, 56 for Swin's first stage); the page smooths the map over the image.
@@ -22,11 +20,8 @@ MAP_SIDE = 64
 
 
 class TorchPredictor:
-    """A run directory's model (its EMA weights when it kept them), on the CPU, in eval mode.
-
-    Attention maps are `vitkit.explain.rollout`: attention rollout through the model contract,
-    for every family (Swin's windows and CvT's strided keys included).
-    """
+    """A run directory's model (its EMA weights when it kept them), on the CPU, in eval mode; attention
+    maps are `vitkit.explain.rollout`, for every family (Swin's windows and CvT's strided keys included)."""
 
     backend = "pytorch"
 
@@ -97,8 +92,4 @@ def load_predictor(path: str | Path) -> TorchPredictor | OnnxPredictor:
 
 def decode_image(data: bytes, mode: str) -> Image.Image:
     """Uploaded bytes -> a PIL image in `mode`; ValueError for anything PIL cannot decode."""
-    import io
-
-    from ..preprocess import load_image
-
     return load_image(io.BytesIO(data), mode)
