@@ -1,7 +1,6 @@
 """vitkit.explain: rollout algebra against hand-computed answers, every method on every family,
 Swin's windows placed where the model attended, localisation after real training, and the CLI."""
 
-import time
 from pathlib import Path
 
 import pytest
@@ -243,7 +242,6 @@ def _peak_on_digit(maps: torch.Tensor, boxes: torch.Tensor, margin: int = 2) -> 
 
 
 def test_rollout_finds_the_digit_after_training():
-    start = time.perf_counter()
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     data = load_data("mnist5k")
@@ -285,7 +283,6 @@ def test_rollout_finds_the_digit_after_training():
     print(report)
     assert hit >= 0.55 and hit >= 4 * chance, report
     assert hit >= untrained + 0.3, report
-    assert time.perf_counter() - start < 300, "the localisation test has grown too slow for CI"
 
 
 # -- the CLI ----------------------------------------------------------------------------------------
