@@ -241,6 +241,7 @@ def _peak_on_digit(maps: torch.Tensor, boxes: torch.Tensor, margin: int = 2) -> 
     return inside.float().mean().item()
 
 
+@pytest.mark.slow  # trains a model first (~50 s on 2 cores); the maps' geometry is checked by hand above
 def test_rollout_finds_the_digit_after_training():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
