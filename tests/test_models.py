@@ -12,13 +12,21 @@ def _tiny_size(name: str) -> int:
     cfg = get_model_entry(name).config
     if get_model_entry(name).family == "cnn":
         return 32
-    return 2 * getattr(cfg, "reduction", cfg.patch_size)  # a 2x2 token grid: full width and depth, tiny sequence
+    return 2 * getattr(cfg, "reduction", cfg.patch_size)  # a 2x2 token grid: a tiny sequence
+
+
+def _tiny_kwargs(name: str) -> dict:
+    """A 2x2 token grid at full width; at most 3 blocks where a family's depth is one number (a ViT-L
+    or the billion-parameter DINOv2 ViT-g would spend the suite's time and memory on initialisation)."""
+    depth = getattr(get_model_entry(name).config, "depth", None)
+    fewer = dict(depth=3) if isinstance(depth, int) and depth > 3 else {}
+    return dict(num_classes=7, img_size=_tiny_size(name), **fewer)
 
 
 @pytest.mark.parametrize("name", vitkit.list_models())
 def test_every_variant_forward_backward_contract_and_round_trip(name):
     size = _tiny_size(name)
-    model = vitkit.create_model(name, num_classes=7, img_size=size)
+    model = vitkit.create_model(name, **_tiny_kwargs(name))
     in_chans = get_model_entry(name).config.in_chans
     x = torch.randn(2, in_chans, size, size)
     out = model(x)
@@ -41,12 +49,13 @@ def test_every_variant_forward_backward_contract_and_round_trip(name):
             assert len(inter.intermediates) == len(inter.attentions) == (1 if model.num_blocks == 1 else 2)
             assert all(t.ndim == 4 and t.shape[0] == 2 for t in inter.intermediates)
         # Save and load: a fresh model with the same weights gives the same logits.
-        clone = vitkit.create_model(name, num_classes=7, img_size=size).eval()
+        clone = vitkit.create_model(name, **_tiny_kwargs(name)).eval()
         clone.load_state_dict(model.state_dict())
         assert torch.equal(clone(x), logits)
     # Learned position tables and tokens must be exempt from weight decay wherever a family has them.
     names = {n.split(".")[-1] for n, _ in model.named_parameters()}
-    assert names & {"pos_embed", "cls_token", "dist_token", "relative_position_bias_table"} <= model.no_weight_decay()
+    assert (names & {"pos_embed", "cls_token", "dist_token", "reg_token", "latent", "relative_position_bias_table"}
+            <= model.no_weight_decay())
     model.reset_classifier(3)
     assert model(x).shape == (2, 3)
 

@@ -66,22 +66,26 @@ def detect_format(path: str | Path) -> str:
 
 
 def resolve_source(src: str | Path) -> Path:
-    """A local path as is; an `org/name` that is not one is fetched from the Hugging Face hub (optional:
-    without huggingface_hub, or offline, the error says how to pass a directory)."""
+    """A local path as is; a hub id (`org/name`, or timm's `hf-hub:org/name`) that is not one comes from
+    the Hugging Face hub through `huggingface_hub`: downloaded when online, read from the local cache when
+    offline (`HF_HUB_OFFLINE=1`, or no network). What is missing is said in one line."""
     path = Path(src)
-    if path.exists() or not HUB_ID.fullmatch(str(src)):
+    repo = str(src).removeprefix("hf-hub:")
+    if (path.exists() and repo == str(src)) or not HUB_ID.fullmatch(repo):
         return path
-    hint = f"download it where there is a connection (`hf download {src} --local-dir DIR`) and pass DIR"
+    hint = f"run `hf download {repo}` where there is a network (it fills the cache), or pass a local directory"
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
     except ImportError:
-        raise FileNotFoundError(f"no such file or directory: {src}; as a hub id it needs huggingface_hub, "
-                                f"or {hint}") from None
+        raise FileNotFoundError(f"no such file or directory: {src}; as a hub id it needs huggingface_hub "
+                                "(pip install huggingface_hub), or pass a local directory") from None
     try:
-        return Path(snapshot_download(str(src), allow_patterns=HUB_FILES))
-    except Exception as e:  # offline, unknown repository, no access: all the same to the user
-        raise OSError(f"no such file or directory: {src}, and it could not be downloaded from the Hugging Face hub "
-                      f"({type(e).__name__}); {hint}") from e
+        return Path(snapshot_download(repo, allow_patterns=HUB_FILES))
+    except Exception as e:  # offline and not cached, unknown repository, no access
+        where = (f"is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub is offline "
+                 "(HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else
+                 f"could not be downloaded from the Hugging Face hub ({type(e).__name__})")
+        raise OSError(f"no such file or directory: {src}, and as a hub id it {where}; {hint}") from e
 
 
 def read_checkpoint(path: str | Path, name: str | None = None) -> Checkpoint:
