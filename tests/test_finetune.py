@@ -43,7 +43,7 @@ def test_lora_trains_few_parameters_and_saves_merged_weights(lora_runs, capsys):
     assert len(lora) == 8 and all(8 in v.shape for v in lora.values())
     trainable = sum(v.numel() for v in adapter.values())
     total = sum(v.numel() for v in a.values())
-    assert trainable / total < 0.05, trainable / total  # ViT-S: 1.4%
+    assert trainable / total < 0.05, trainable / total  # 4-block ViT-S, rank 8: 0.72%
     # The merged weight is the base plus (alpha / r) B A.
     for i in range(4):
         key = f"blocks.{i}.attn.qkv"
@@ -75,3 +75,34 @@ def test_unknown_lora_target_names_the_model_layers(lora_runs, tmp_path):
                                          "head, proj, qkv"):
         train(TrainConfig(**FAST, pretrained=str(src), img_size=32, finetune="lora", lora_targets=["query"],
                           out=str(tmp_path / "bad")))
+
+
+# -- embeddings -------------------------------------------------------------------------------------
+def test_embed_writes_one_row_per_image_in_order(lora_runs, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    _, run = lora_runs
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(5):
+        files.append(tmp_path / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(files[-1])
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    # Batches of 2: the rows of three forward passes, in the order of the files.
+    assert main(["embed", str(run), *map(str, files), str(tmp_path / "broken.png"), "--out",
+                 str(tmp_path / "e.npy"), "--batch_size", "2"]) == 1  # the broken image is skipped, and said
+    emb = np.load(tmp_path / "e.npy")
+    assert (tmp_path / "e.txt").read_text().split() == [str(f) for f in files]
+    loaded = vitkit.load_run(run)
+    with torch.no_grad():
+        x = loaded.preprocess(files)
+        ref = loaded.model.forward_head(loaded.model.forward_features(x), pre_logits=True)
+    assert emb.shape == (5, 384) and np.abs(emb - ref.numpy()).max() <= 1e-5
+    pq = pytest.importorskip("pyarrow.parquet")
+    assert main(["embed", str(run), *map(str, files), "--out", str(tmp_path / "e.parquet")]) == 0
+    table = pq.read_table(tmp_path / "e.parquet")
+    assert table.column("file").to_pylist() == [str(f) for f in files]
+    assert np.abs(np.array(table.column("embedding").to_pylist()) - emb).max() <= 1e-6
+    assert main(["embed", str(run), str(files[0]), "--out", str(tmp_path / "e.csv")]) == 2
+    assert "write embeddings to a .npy or .parquet file" in capsys.readouterr().err

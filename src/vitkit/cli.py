@@ -64,6 +64,7 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("eval", _command(cmd_eval), help="evaluate a run")
     sub.add_subcommand("explain", _command(cmd_explain, many=("images",)), help="attention maps, rollout and Grad-CAM over images")
     sub.add_subcommand("predict", _command(cmd_predict, many=("images",)), help="predict classes of images")
+    sub.add_subcommand("embed", _command(cmd_embed, many=("images",)), help="write one embedding per image")
     sub.add_subcommand("models", _command(cmd_models, maybe=("pattern",)), help="list registered models")
     sub.add_subcommand("convert", _command(cmd_convert), help="convert pretrained weights to a vitkit run")
     sub.add_subcommand("export", _command(cmd_export), help="export a run for use outside vitkit")
@@ -245,6 +246,32 @@ def cmd_predict(run_dir: str, images: list[str], *, topk: int = 5, json: bool = 
     return 1 if bad else 0
 
 
+def cmd_embed(source: str, images: list[str], *, out: str, model: Optional[str] = None, batch_size: int = 64,
+              device: str = "cpu") -> int:
+    """One embedding per image (the pooled features the classifier reads), batched, written to a file;
+    unreadable images are reported on stderr and skipped (exit status 1).
+
+    Args:
+        source: a run directory, a hub id, a Hugging Face directory or a weights file
+        images: image files or folders
+        out: .npy (file names in a .txt beside it) or .parquet (columns file, embedding)
+        model: the variant a timm weights file holds (other sources name their own)
+        batch_size: images per forward pass
+        device: cpu, cuda, ...
+    """
+    from .convert import open_source
+    from .run import write_embeddings
+
+    if Path(out).suffix not in (".npy", ".parquet"):
+        raise ValueError(f"--out {out}: write embeddings to a .npy or .parquet file")
+    run = open_source(source, model, device)
+    files, bad = _readable_images(images, "embed")
+    emb = run.embed(files, batch_size=batch_size, progress=True)
+    written = write_embeddings(out, emb, [str(f) for f in files])
+    print(f"{emb.shape[0]} embeddings of {emb.shape[1]} values -> {', '.join(map(str, written))}")
+    return 1 if bad else 0
+
+
 def cmd_models(pattern: Optional[str] = None) -> int:
     """The registry: name, family, parameters, GFLOPs and default image size.
 
@@ -398,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(e).split())
         print(f"vitkit: error: {msg} (see vitkit --help)", file=sys.stderr)
         return 2
-    commands = {"train": cmd_train, "pretrain": cmd_pretrain, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models,
+    commands = {"train": cmd_train, "pretrain": cmd_pretrain, "eval": cmd_eval, "predict": cmd_predict, "embed": cmd_embed,
+                "models": cmd_models,
                 "convert": cmd_convert, "explain": cmd_explain, "export": cmd_export, "serve": cmd_serve, "benchmark": cmd_benchmark}
     args = ns[ns.command]
     try:

@@ -269,6 +269,46 @@ class Run:
         return results
 
 
+    @torch.no_grad()
+    def embed(self, images: list[str | Path | Image.Image], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+        """One feature vector per image, `(N, num_features)` float32: the pooled features the classifier
+        reads (`forward_head(..., pre_logits=True)`), in the order of `images`."""
+        from tqdm import tqdm
+
+        out = []
+        for i in tqdm(range(0, len(images), batch_size), desc="embedding", unit="batch", disable=not progress):
+            x = self.preprocess(images[i : i + batch_size]).to(self.device)
+            out.append(self.model.forward_head(self.model.forward_features(x), pre_logits=True).float().cpu())
+        return torch.cat(out)
+
+
+def write_embeddings(path: str | Path, embeddings: torch.Tensor, files: list[str]) -> list[Path]:
+    """`.npy` (and the file names, one per row, in a `.txt` beside it) or `.parquet` (columns `file` and
+    `embedding`); written atomically. Returns the files written."""
+    import numpy as np
+
+    path = Path(path)
+    if path.suffix == ".npy":
+        buf = io.BytesIO()
+        np.save(buf, embeddings.numpy())
+        atomic_write(path, buf.getvalue())
+        atomic_write(path.with_suffix(".txt"), "".join(f"{f}\n" for f in files).encode())
+        return [path, path.with_suffix(".txt")]
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError("writing Parquet needs pyarrow (pip install pyarrow); or write .npy") from None
+        table = pa.table({"file": [str(f) for f in files],
+                          "embedding": pa.array(list(embeddings.numpy()), type=pa.list_(pa.float32()))})
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        atomic_write(path, buf.getvalue().to_pybytes())
+        return [path]
+    raise ValueError(f"{path}: write embeddings to a .npy or .parquet file")
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """'auto' is CUDA when available, else the CPU."""
     if device == "auto":

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..run import CONFIG, WEIGHTS, RunRecord, save_weights
+from ..run import CONFIG, WEIGHTS, Run, RunRecord, load_run, save_weights
 from ..models import create_model, get_model_entry, model_config, read_state_dict
 from ..models.weights import WEIGHTS_NAME, load_state
 from .common import Checkpoint, closest_variant, square
@@ -27,8 +28,8 @@ from .hf import read_hf
 from .jax import read_npz
 from .timm import convert_timm, resize_swin_bias_tables, timm_overrides
 
-__all__ = ["Checkpoint", "build_pretrained", "convert", "detect_format", "load_pretrained", "read_checkpoint",
-           "resolve_source"]
+__all__ = ["Checkpoint", "build_pretrained", "convert", "detect_format", "load_pretrained", "open_source",
+           "read_checkpoint", "resolve_source"]
 
 FORMATS = ("vitkit-run", "safetensors", "torch", "hf", "jax-npz")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -152,6 +153,15 @@ def convert(src: str | Path, out_dir: str | Path, *, model: str | None = None, n
               std=_per_channel(ckpt.std or entry.std, cfg.in_chans), classes=classes, objective="converted",
               source=str(src)).write(out)
     return out
+
+
+def open_source(src: str | Path, model: str | None = None, device: str = "cpu") -> Run:
+    """A run directory, or any checkpoint `create_model(pretrained=)` takes (a hub id, a Hugging Face
+    directory, a timm file with `model`), as a `Run` in memory, with the preprocessing it states."""
+    if Path(src).is_dir() and (Path(src) / CONFIG).exists() and model is None:
+        return load_run(src, device)
+    with tempfile.TemporaryDirectory() as tmp:  # the record `convert` writes, and the weights, read back
+        return load_run(convert(src, Path(tmp) / "run", model=model), device)
 
 
 def _read_run(path: Path, name: str | None) -> Checkpoint:
