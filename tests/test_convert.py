@@ -479,9 +479,9 @@ def test_error_timm_unexpected_key(tmp_path):
 
 
 def test_error_hub_id_offline(monkeypatch, tmp_path):
-    hub = pytest.importorskip("huggingface_hub")
+    constants = pytest.importorskip("huggingface_hub.constants")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import time
     monkeypatch.chdir(tmp_path)  # so that `no-such-org/vit` is not a local path either
     with pytest.raises(OSError, match="not in the local Hugging Face cache .* offline .*hf download no-such-org/vit"):
         vitkit.create_model("vit_base_patch16_224", pretrained="no-such-org/vit")
@@ -551,7 +551,7 @@ def test_run_directory_as_pretrained(tmp_path, hf_dirs):
 def test_hub_id_loads_offline_from_the_local_cache(monkeypatch, tmp_path):
     """A model id resolves from the Hugging Face cache with no network: a random-initialised timm
     DINOv2 placed in a temporary cache in the hub's layout (models--org--name/snapshots/REV, refs/main)."""
-    hub = pytest.importorskip("huggingface_hub")
+    constants = pytest.importorskip("huggingface_hub.constants")
     ref = perturb(timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=56))
     repo = tmp_path / "cache" / "models--timm--vit_small_patch14_reg4_dinov2.lvd142m"
     snapshot = repo / "snapshots" / ("ab" * 20)
@@ -563,8 +563,8 @@ def test_hub_id_loads_offline_from_the_local_cache(monkeypatch, tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("ab" * 20)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     x = torch.randn(1, 3, 56, 56)
     for src in ("hf-hub:timm/vit_small_patch14_reg4_dinov2.lvd142m", "timm/vit_small_patch14_reg4_dinov2.lvd142m"):

@@ -105,6 +105,8 @@ class RunRecord:
     tta_flip: bool = False
     tta_shift: int = 0
     world_size: int = 1
+    hardware: str | None = None
+    """Where the run trained, in words (the model card states it)."""
     source: str | None = None
     """Converted runs: the weights they came from."""
     schema: int = SCHEMA_VERSION

@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from ..card import write_card
 from ..run import CONFIG, WEIGHTS, Run, RunRecord, load_run, save_weights
 from ..models import create_model, get_model_entry, model_config, read_state_dict
 from ..models.weights import WEIGHTS_NAME, load_state
@@ -152,6 +153,7 @@ def convert(src: str | Path, out_dir: str | Path, *, model: str | None = None, n
               img_size=size, in_chans=cfg.in_chans, mean=_per_channel(ckpt.mean or entry.mean, cfg.in_chans),
               std=_per_channel(ckpt.std or entry.std, cfg.in_chans), classes=classes, objective="converted",
               source=str(src)).write(out)
+    write_card(out)
     return out
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
+from ..card import describe_hardware, write_card
 from ..convert import HUB_ID, read_checkpoint, resolve_source
 from ..data import TensorSplit, load_data, make_loader, resolve_augment, subset_split
 from ..data.datasets import load_unlabeled
@@ -178,6 +179,8 @@ def _finish(s: Session) -> None:
         weights = "raw" if s.ema is None else "ema"
         write_eval(s.run_dir, {"run": str(s.run_dir), "data": s.cfg.data, "weights": weights, **final})
         print(f"final evaluation, {weights} weights: {s.objective.describe(final)} -> {s.run_dir / EVAL}", flush=True)
+    if s.runtime.is_main:
+        write_card(s.run_dir)
     s.runtime.barrier()
     s.runtime.close()
 
@@ -364,6 +367,7 @@ def _record(ctx: Context, kind: type[Objective], model_args: dict[str, Any], hfl
         objective=kind.name, settings=settings, data=cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction,
         precision=ctx.runtime.precision, ema=cfg.ema is not None, tta=tta and kind.classifier,
         tta_flip=ctx.tta[0], tta_shift=ctx.tta[1], world_size=ctx.runtime.world_size,
+        hardware=describe_hardware(ctx.runtime.device, ctx.runtime.world_size),
     )
 
 
