@@ -51,7 +51,7 @@ def test_lora_trains_few_parameters_and_saves_merged_weights(lora_runs, capsys):
         assert torch.allclose(b[f"{key}.weight"], a[f"{key}.weight"] + 2.0 * B @ A, atol=1e-6)
 
 
-def test_a_lora_run_evaluates_and_exports_like_any_run(lora_runs, tmp_path):
+def test_a_lora_run_evaluates_exports_explains_and_serves_like_any_run(lora_runs, tmp_path):
     _, run = lora_runs
     expected = json.loads((run / vrun.EVAL).read_text())["acc1"]
     assert main(["eval", str(run), "--out", str(tmp_path / "report")]) == 0  # the record and merged weights only
@@ -60,6 +60,20 @@ def test_a_lora_run_evaluates_and_exports_like_any_run(lora_runs, tmp_path):
     out = export_run(run, "onnx", tmp_path / "onnx")
     assert out.max_abs_diff <= 1e-4  # ONNX parity with the merged PyTorch model
     assert json.loads(out.preprocess_file.read_text())["classes"] == vitkit.load_run(run).classes
+    # explain: rollout maps over the image; serve: the predictor answers with the run's probabilities and maps.
+    from PIL import Image
+
+    Image.new("L", (16, 16), 128).save(tmp_path / "grey.png")
+    assert main(["explain", str(run), str(tmp_path / "grey.png"), "--out", str(tmp_path / "maps")]) == 0
+    assert (tmp_path / "maps" / "grey_rollout.png").exists()
+    from vitkit.serve import load_predictor
+
+    predictor = load_predictor(run)
+    x = vitkit.load_run(run).preprocess([tmp_path / "grey.png"])
+    probs, maps = predictor(x, attention=True)
+    with torch.no_grad():
+        ref = vitkit.load_run(run).model(x).softmax(-1)
+    assert predictor.has_attention and maps.shape[0] == 1 and torch.allclose(probs, ref, atol=1e-5)
 
 
 def test_lora_flags_are_checked():
