@@ -120,3 +120,30 @@ def test_embed_writes_one_row_per_image_in_order(lora_runs, tmp_path, capsys):
     assert np.abs(np.array(table.column("embedding").to_pylist()) - emb).max() <= 1e-6
     assert main(["embed", str(run), str(files[0]), "--out", str(tmp_path / "e.csv")]) == 2
     assert "write embeddings to a .npy or .parquet file" in capsys.readouterr().err
+
+
+# -- k-NN on frozen features ------------------------------------------------------------------------
+def test_knn_scores_by_hand():
+    from vitkit.engine.objectives.knn import knn_scores
+
+    bank = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    q = torch.tensor([[0.6, 0.8]])  # cosines 0.6, 0.96, 0.8 with the bank
+    s = knn_scores(q, bank, labels, num_classes=3, k=2, temperature=0.5)  # neighbours 1 and 2, both class 1
+    assert torch.allclose(s, torch.tensor([[0.0, torch.tensor(0.96 / 0.5).exp() + torch.tensor(0.8 / 0.5).exp(), 0.0]]))
+    s = knn_scores(q, bank, labels, num_classes=3, k=5, temperature=1.0)  # k beyond the bank: all three vote
+    assert torch.allclose(s[0, :2], torch.tensor([0.6, 0.96]).exp() + torch.tensor([0.0, 0.8]).exp() * torch.tensor([0, 1]))
+
+
+def test_knn_run_reports_top1_without_training(lora_runs, tmp_path, capsys):
+    src, _ = lora_runs
+    run = train(TrainConfig(**FAST, pretrained=str(src), img_size=32, finetune="knn", out=str(tmp_path / "knn")))
+    ev = json.loads((run / vrun.EVAL).read_text())
+    assert ev["knn_k"] == 20 and 490 <= ev["bank"] <= 500 and ev["n"] == 360  # the 500-image training subset
+    assert ev["acc1"] > 30  # chance: 10%
+    assert vrun.read_metrics(run) == []  # no epochs
+    a, b = load_file(src / vrun.WEIGHTS), load_file(run / vrun.WEIGHTS)
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("head."))  # the backbone as it came
+    assert "k-NN baseline" in (run / "README.md").read_text()
+    assert main(["eval", str(run)]) == 2
+    assert "is a k-NN evaluation: it has no trained classifier" in capsys.readouterr().err

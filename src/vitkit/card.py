@@ -26,7 +26,8 @@ PUSHED = (CARD, "config.yaml", WEIGHTS, EMA_WEIGHTS, EVAL, "metrics.jsonl", "cur
           "adapter_config.json")
 _OBJECTIVES = {"classify": "trained as a classifier", "distill": "trained as a classifier with DeiT distillation",
                "mae": "pre-trained as a masked autoencoder (MAE, no labels)",
-               "beit": "pre-trained by BEiT masked image modeling (no labels)", "converted": "converted"}
+               "beit": "pre-trained by BEiT masked image modeling (no labels)", "converted": "converted",
+               "knn": "evaluated by k-NN on its frozen features (nothing trained)"}
 
 
 def describe_hardware(device: torch.device, world_size: int = 1) -> str:
@@ -34,9 +35,20 @@ def describe_hardware(device: torch.device, world_size: int = 1) -> str:
     if device.type == "cuda":
         what = torch.cuda.get_device_name(device)
     else:
-        cpu = platform.processor() or platform.machine()
+        cpu = _cpu_name()
         what = f"CPU {cpu} ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
     return what + (f" x {world_size} processes" if world_size > 1 else "")
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _params(run_dir: Path) -> int:
@@ -82,7 +94,7 @@ def model_card(run_dir: str | Path) -> str:
     out += ["## Results", ""]
     if ev is not None and "acc1" in ev:
         out += ["| metric | value |", "|---|---|", f"| top-1 | {ev['acc1']:.2f}% |", f"| top-5 | {ev['acc5']:.2f}% |",
-                f"| loss | {ev['loss']:.4f} |", "",
+                *([f"| loss | {ev['loss']:.4f} |"] if "loss" in ev else []), "",
                 f"Measured by vitkit on {ev.get('n', '?')} images of `{ev.get('data', rec.data)}` (the run's "
                 f"held-out split unless named otherwise), {ev.get('weights', 'raw')} weights, "
                 f"{ev.get('tta_views', 1)} test-time view(s) per image" + _spread(ev) + "."]
@@ -98,19 +110,26 @@ def model_card(run_dir: str | Path) -> str:
         recipe = [f"{k} {s[k]}" for k in ("batch_size", "lr", "weight_decay", "layer_decay", "augment",
                                            "label_smoothing", "ema", "finetune") if s.get(k) is not None]
         out += ["- Recipe: AdamW, " + ", ".join(recipe) + ". The whole configuration is `config.yaml`."]
+    elif rec.objective == "knn" and ev is not None:
+        out += [f"- No training: each image is classified by its {ev['knn_k']} most similar training images "
+                f"({ev['bank']}, frozen features, votes weighted exp(cos / {ev['knn_temperature']})), a k-NN "
+                f"baseline; on {rec.hardware or 'unrecorded hardware'}. The classifier in the weights is untrained."]
     else:
         out += ["- Nothing was trained here: the weights were converted from " + f"`{rec.source}`."]
     if rec.classes:
         shown = ", ".join(rec.classes[:20]) + (", ..." if len(rec.classes) > 20 else "")
         out += [f"- {len(rec.classes)} classes: {shown}"]
     out += ["", "## Intended use and limits", "",
-            (f"Classifying {h}x{w} px images into the classes above. " if rec.classes else
+            ("A baseline: how well the frozen features separate these classes; to classify, train a head "
+             "(`vitkit train --pretrained ... --finetune linear`). " if rec.objective == "knn" else
+             f"Classifying {h}x{w} px images into the classes above. " if rec.classes else
              "A backbone to fine-tune (`vitkit train --pretrained`) or to embed images with (`vitkit embed`). ")
             + "It was measured only as stated under Results: images from another source, another resolution or "
               "other classes may fare differently, and nothing here tests fairness or robustness.", "",
             "## How to use", "", "```python", "import vitkit", "", f'run = vitkit.load_run("{run_dir.name}")'
             "  # this directory (e.g. after `hf download REPO --local-dir ...`)",
-            'print(run.predict(["image.png"]))' if rec.classes else 'features = run.embed(["image.png"])', "```", "",
+            'print(run.predict(["image.png"]))' if rec.classes and rec.objective != "knn" else
+            'features = run.embed(["image.png"])', "```", "",
             f"Preprocessing: resize to {h}x{w}, {'grey' if rec.in_chans == 1 else 'RGB'}, normalised with mean "
             f"{list(rec.mean)} and std {list(rec.std)} (`run.preprocess` does it).", ""]
     return "\n".join(out)

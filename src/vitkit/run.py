@@ -262,6 +262,7 @@ class Run:
         if not self.classes:
             raise ValueError(f"{self.path} is a {self.record.objective} pre-training run: it has no classifier; "
                              f"fine-tune it with `vitkit train --pretrained {self.path}`")
+        self.check_classifier()
         k = min(topk, len(self.classes))
         results = []
         for i in range(0, len(images), batch_size):
@@ -270,6 +271,12 @@ class Run:
             results += [[(self.classes[j], float(q)) for q, j in zip(pr.tolist(), ix.tolist())] for pr, ix in zip(p, idx)]
         return results
 
+
+    def check_classifier(self) -> None:
+        """A k-NN run classified by nearest neighbours while it ran; its head was never trained."""
+        if self.record.objective == "knn":
+            raise ValueError(f"{self.path} is a k-NN evaluation: it has no trained classifier; train one with "
+                             f"`vitkit train --pretrained {self.record.settings.get('pretrained')} --finetune linear`")
 
     @torch.no_grad()
     def embed(self, images: list[str | Path | Image.Image], batch_size: int = 64, progress: bool = False) -> torch.Tensor:

@@ -85,6 +85,7 @@ def evaluate_run(path: str | Path, data: str | None = None, *, batch_size: int =
     `report_dir`: also write the full report there. `tta` defaults to the views the run's final evaluation used."""
     run = load_run(path, device, weights)
     rec = run.record
+    run.check_classifier()
     if not rec.classes:
         raise ValueError(f"{path} is a {rec.objective} pre-training run: it has no classifier to evaluate; "
                          f"fine-tune it with `vitkit train --pretrained {path}`")
