@@ -277,7 +277,7 @@ def _resolve_model(cfg: FitConfig) -> FitConfig:
     pre = Path(cfg.pretrained) if cfg.pretrained else None
     if pre is None:
         return replace(cfg, model=DEFAULT_MODEL)
-    if not pre.exists() and not HUB_ID.fullmatch(str(pre)):
+    if not pre.exists() and not HUB_ID.fullmatch(str(pre).removeprefix("hf-hub:")):
         raise ValueError(f"--pretrained {pre} does not exist, so --model must name the architecture")
     # A vitkit run, a Hugging Face directory or hub id and a JAX .npz name their architecture; timm files do not.
     ckpt = read_checkpoint(resolve_source(pre))
