@@ -479,11 +479,11 @@ def test_error_timm_unexpected_key(tmp_path):
 
 
 def test_error_hub_id_offline(monkeypatch, tmp_path):
-    hub = pytest.importorskip("huggingface_hub")
+    constants = pytest.importorskip("huggingface_hub.constants")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import time
     monkeypatch.chdir(tmp_path)  # so that `no-such-org/vit` is not a local path either
-    with pytest.raises(OSError, match="could not be downloaded from the Hugging Face hub.*pass DIR"):
+    with pytest.raises(OSError, match="not in the local Hugging Face cache .* offline .*hf download no-such-org/vit"):
         vitkit.create_model("vit_base_patch16_224", pretrained="no-such-org/vit")
     assert main(["convert", "no-such-org/vit", str(tmp_path / "out")]) == 2
 
@@ -546,3 +546,46 @@ def test_run_directory_as_pretrained(tmp_path, hf_dirs):
     with pytest.warns(UserWarning, match="adopting the checkpoint's .*embed_dim=64"):
         ours = vitkit.create_model("beit_pico_patch4_28", pretrained=tmp_path / "run")
     assert max_diff(ours, logits, x, "run dir as beit_pico") <= TOL
+
+
+def test_hub_id_loads_offline_from_the_local_cache(monkeypatch, tmp_path):
+    """A model id resolves from the Hugging Face cache with no network: a random-initialised timm
+    DINOv2 placed in a temporary cache in the hub's layout (models--org--name/snapshots/REV, refs/main)."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    ref = perturb(timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=56))
+    repo = tmp_path / "cache" / "models--timm--vit_small_patch14_reg4_dinov2.lvd142m"
+    snapshot = repo / "snapshots" / ("ab" * 20)
+    snapshot.mkdir(parents=True)
+    save_file(ref.state_dict(), snapshot / "model.safetensors")
+    (snapshot / "config.json").write_text(json.dumps({
+        "architecture": "vit_small_patch14_reg4_dinov2", "num_classes": 0,
+        "pretrained_cfg": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("ab" * 20)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    x = torch.randn(1, 3, 56, 56)
+    for src in ("hf-hub:timm/vit_small_patch14_reg4_dinov2.lvd142m", "timm/vit_small_patch14_reg4_dinov2.lvd142m"):
+        ours = vitkit.create_model(pretrained=src)  # the architecture (and its depth, size) from the files
+        assert ours.num_prefix_tokens == 5 and max_diff(ours, ref(x).detach(), x, src) <= TOL
+    with pytest.raises(OSError, match=r"timm/vit_small_patch14_dinov2\.lvd142m, and as a hub id it is not in the local "
+                                      r"Hugging Face cache"):
+        vitkit.create_model(pretrained="hf-hub:timm/vit_small_patch14_dinov2.lvd142m")
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
+def test_dinov2_release_files(name, tmp_path):
+    """facebookresearch/dinov2's layout (a [MASK] token; with registers `register_tokens` and a position
+    embedding for the class token) converts to timm's and gives timm's outputs."""
+    ref = perturb(timm.create_model(name, pretrained=False, img_size=56, depth=2))
+    sd = dict(ref.state_dict(), mask_token=torch.randn(1, 384))
+    if "reg_token" in sd:
+        cls_pos = torch.randn(1, 1, 384)
+        sd.update(register_tokens=sd.pop("reg_token"), cls_token=sd["cls_token"] - cls_pos,
+                  pos_embed=torch.cat([cls_pos, sd["pos_embed"]], dim=1))
+    torch.save(sd, tmp_path / "dinov2.pth")
+    ours = vitkit.create_model(name, pretrained=tmp_path / "dinov2.pth", img_size=56, depth=2)
+    x = torch.randn(2, 3, 56, 56)
+    assert max_diff(ours, ref(x).detach(), x, name) <= TOL

@@ -103,6 +103,10 @@ FAMILIES = {
     "cvt_pico_28": {},
     "swin_pico_patch2_window4_32": {},
     "vit_small_r26_s32_224": dict(img_size=64, embed_dim=48, depth=2, num_heads=2, num_classes=5),  # hybrid
+    # registers (left out of the maps), attention pooling, pre-norm
+    "vit_small_patch14_reg4_dinov2": dict(img_size=56, embed_dim=48, depth=2, num_heads=2, num_classes=5),
+    "vit_base_patch16_siglip_224": dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=5),
+    "vit_base_patch16_clip_224": dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=5),
 }
 
 

@@ -31,6 +31,11 @@ FAMILY_MODELS = {
     "swin": ("swin_pico_patch2_window4_32", {}),
     "hybrid": ("vit_small_r26_s32_224", dict(img_size=32, depth=2, backbone_layers=(1, 1), embed_dim=64, num_heads=2)),
     "cnn": ("tv:resnet18", dict(img_size=32)),  # the distillation teachers: torchvision CNNs
+    # Today's backbones at a tiny width: registers, attention pooling, pre-norm with QuickGELU.
+    "dinov2": ("vit_small_patch14_reg4_dinov2", dict(img_size=28, embed_dim=48, depth=2, num_heads=2)),
+    "siglip": ("vit_base_patch16_siglip_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)),
+    "clip": ("vit_base_patch16_clip_quickgelu_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2,
+                                                         num_heads=2)),
 }
 # Largest top-1 change (percentage points) and smallest top-1 agreement (%) allowed for int8 on the
 # digits run below; measured there: 93.61% -> 93.61% (0.00 points), same class on 99.4% of 360 images.
@@ -44,16 +49,21 @@ def run_dir(digits16_run):
 
 
 def _spread_weights(model: nn.Module) -> nn.Module:
-    """Norm affines and classifier weights away from their init (ones, zeros, BEiT's 1e-3 head), so
-    logits are O(1) and a wrong norm or head cannot hide behind near-zero outputs."""
+    """Norm affines, layer scales, classifier and pooling-head weights away from their init (ones, zeros,
+    1e-5 layer scales, BEiT's 1e-3 head), so logits are O(1) and a wrong norm or head cannot hide
+    behind near-zero outputs."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for m in model.modules():
+        for name, m in model.named_modules():
             if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)) and m.weight is not None:
                 m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
                 m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
             if isinstance(m, nn.Linear) and m.out_features == model.num_classes:
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features**0.5)
+            elif isinstance(m, nn.Linear) and name.startswith("attn_pool."):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features**0.5)  # SigLIP's pooling head
+            if hasattr(m, "gamma"):  # layer scale: DINOv2 starts at 1e-5, which would hide the blocks
+                m.gamma.copy_(1 + 0.2 * torch.randn(m.gamma.shape, generator=g))
     return model
 
 

@@ -14,19 +14,21 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "vitkit"
-PARTS = ("preprocess", "models", "run", "convert", "data", "engine", "explain", "export", "serve", "benchmark", "cli")
+PARTS = ("preprocess", "models", "run", "card", "convert", "data", "engine", "explain", "export", "serve", "benchmark",
+         "cli")
 # What each part may import (besides itself), transitively. Mirrors docs/architecture.md.
 ALLOWED = {
     "preprocess": set(),
     "models": {"preprocess"},
     "run": {"models", "preprocess"},
-    "convert": {"models", "run", "preprocess"},
+    "card": {"models", "run", "preprocess"},
+    "convert": {"models", "run", "card", "preprocess"},
     "data": {"preprocess"},
-    "explain": {"models", "run", "preprocess", "convert"},
-    "export": {"models", "run", "preprocess", "convert", "data"},
-    "serve": {"models", "run", "preprocess", "convert", "data", "explain", "export"},
-    "engine": {"models", "run", "preprocess", "convert", "data"},
-    "benchmark": {"models", "run", "preprocess", "convert", "data", "engine"},
+    "explain": {"models", "run", "card", "preprocess", "convert"},
+    "export": {"models", "run", "card", "preprocess", "convert", "data"},
+    "serve": {"models", "run", "card", "preprocess", "convert", "data", "explain", "export"},
+    "engine": {"models", "run", "card", "preprocess", "convert", "data"},
+    "benchmark": {"models", "run", "card", "preprocess", "convert", "data", "engine"},
     "cli": set(PARTS),
 }
 # Lazy imports that go up on purpose: `create_model(pretrained=...)` and `load_weights` reach the

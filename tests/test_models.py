@@ -54,7 +54,8 @@ def test_every_variant_forward_backward_contract_and_round_trip(name):
         assert torch.equal(clone(x), logits)
     # Learned position tables and tokens must be exempt from weight decay wherever a family has them.
     names = {n.split(".")[-1] for n, _ in model.named_parameters()}
-    assert names & {"pos_embed", "cls_token", "dist_token", "relative_position_bias_table"} <= model.no_weight_decay()
+    assert (names & {"pos_embed", "cls_token", "dist_token", "reg_token", "latent", "relative_position_bias_table"}
+            <= model.no_weight_decay())
     model.reset_classifier(3)
     assert model(x).shape == (2, 3)
 

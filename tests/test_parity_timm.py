@@ -58,3 +58,29 @@ def test_deit3_matches_timm_at_its_size_and_another(name):
     x = torch.randn(1, 3, 192, 240)
     with torch.no_grad():
         assert (ours(x) - dyn(x)).abs().max().item() <= 1e-4
+
+
+# Today's backbones (timm's names and layouts): DINOv2 with and without registers and its SwiGLU ViT-g,
+# the CLIP towers (pre-norm, QuickGELU), SigLIP (attention pooling, or the average). Full width, two
+# blocks (the suite's time: 1,370 tokens at DINOv2's 518 px); the default resolution and, through timm's
+# dynamic_img_size, another one on the fly.
+BACKBONES = [("vit_small_patch14_dinov2", dict(depth=2)), ("vit_small_patch14_reg4_dinov2", dict(depth=2)),
+             ("vit_giant_patch14_reg4_dinov2", dict(depth=2, img_size=126)),
+             ("vit_base_patch16_clip_224", dict(depth=2)), ("vit_base_patch32_clip_quickgelu_224", dict(depth=2)),
+             ("vit_base_patch16_siglip_224", dict(depth=2)), ("vit_base_patch16_siglip_gap_224", dict(depth=2))]
+
+
+@pytest.mark.parametrize("name,kw", BACKBONES, ids=[b[0] for b in BACKBONES])
+def test_backbones_match_timm_at_their_size_and_another(name, kw):
+    from conftest import perturb
+
+    ref = perturb(timm.create_model(name, pretrained=False, dynamic_img_size=True, **kw))
+    ours = vitkit.create_model(name, **kw).eval()
+    ours.load_state_dict(ref.state_dict())  # strict: every key has timm's name and shape
+    size = ours.cfg.img_size
+    patch = ours.cfg.patch_size
+    for shape in ((size, size), (size - 2 * patch, size + patch)):
+        x = torch.randn(2, 3, *shape)
+        with torch.no_grad():
+            assert (ours(x) - ref(x)).abs().max().item() <= 1e-4, shape
+            assert (ours.forward_features(x) - ref.forward_features(x)).abs().max().item() <= 1e-4, shape

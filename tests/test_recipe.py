@@ -297,8 +297,8 @@ def test_linear_probe_trains_only_the_classifier(tmp_path):
     a, b = load_file(src / vrun.WEIGHTS), load_file(probe / vrun.WEIGHTS)
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("head."))
     assert not torch.equal(a["head.weight"], b["head.weight"])
-    with pytest.raises(ValueError, match="linear_probe=True is invalid"):
-        TrainConfig(linear_probe=True)
+    with pytest.raises(ValueError, match="finetune='linear' is invalid: must be full without --pretrained"):
+        TrainConfig(linear_probe=True)  # the old spelling of --finetune linear
 
 
 def test_train_subset_is_stratified_and_seeded():

@@ -32,6 +32,9 @@ FAMILIES = {
     "beit": ("beit_pico_patch4_28", {}, 28),
     "cvt": ("cvt_pico_28", {}, 28),
     "cnn": ("tv:resnet18", dict(num_classes=5, img_size=32), 32),
+    "dinov2": ("vit_small_patch14_reg4_dinov2", dict(img_size=28, embed_dim=48, depth=1, num_heads=2), 28),
+    "clip": ("vit_base_patch16_clip_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=2), 32),
+    "siglip": ("vit_base_patch16_siglip_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=2), 32),
 }
 
 

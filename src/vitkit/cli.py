@@ -64,6 +64,8 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("eval", _command(cmd_eval), help="evaluate a run")
     sub.add_subcommand("explain", _command(cmd_explain, many=("images",)), help="attention maps, rollout and Grad-CAM over images")
     sub.add_subcommand("predict", _command(cmd_predict, many=("images",)), help="predict classes of images")
+    sub.add_subcommand("embed", _command(cmd_embed, many=("images",)), help="write one embedding per image")
+    sub.add_subcommand("push", _command(cmd_push), help="upload a run to the Hugging Face Hub")
     sub.add_subcommand("models", _command(cmd_models, maybe=("pattern",)), help="list registered models")
     sub.add_subcommand("convert", _command(cmd_convert), help="convert pretrained weights to a vitkit run")
     sub.add_subcommand("export", _command(cmd_export), help="export a run for use outside vitkit")
@@ -77,7 +79,7 @@ def build_parser() -> ArgumentParser:
 _SWITCHES = {
     "train": {"--compile", "--grad_checkpointing", "--strict", "--tta", "--hflip", "--linear_probe"},
     "pretrain": {"--compile", "--grad_checkpointing", "--strict", "--hflip", "--mae.norm_pix_loss"},
-    "eval": {"--no_report", "--tta"}, "predict": {"--json"}, "export": {"--int8", "--dynamic_batch"},
+    "eval": {"--no_report", "--tta"}, "predict": {"--json"}, "push": {"--private", "--dry_run"}, "export": {"--int8", "--dynamic_batch"},
 }
 # The objectives' settings live in their own configs; their short flags stay as users know them.
 _SHORT_FLAGS = {
@@ -245,6 +247,52 @@ def cmd_predict(run_dir: str, images: list[str], *, topk: int = 5, json: bool = 
     return 1 if bad else 0
 
 
+def cmd_embed(source: str, images: list[str], *, out: str, model: Optional[str] = None, batch_size: int = 64,
+              device: str = "cpu") -> int:
+    """One embedding per image (the pooled features the classifier reads), batched, written to a file;
+    unreadable images are reported on stderr and skipped (exit status 1).
+
+    Args:
+        source: a run directory, a hub id, a Hugging Face directory or a weights file
+        images: image files or folders
+        out: .npy (file names in a .txt beside it) or .parquet (columns file, embedding)
+        model: the variant a timm weights file holds (other sources name their own)
+        batch_size: images per forward pass
+        device: cpu, cuda, ...
+    """
+    from .convert import open_source
+    from .run import write_embeddings
+
+    if Path(out).suffix not in (".npy", ".parquet"):
+        raise ValueError(f"--out {out}: write embeddings to a .npy or .parquet file")
+    run = open_source(source, model, device)
+    files, bad = _readable_images(images, "embed")
+    emb = run.embed(files, batch_size=batch_size, progress=True)
+    written = write_embeddings(out, emb, [str(f) for f in files])
+    print(f"{emb.shape[0]} embeddings of {emb.shape[1]} values -> {', '.join(map(str, written))}")
+    return 1 if bad else 0
+
+
+def cmd_push(run_dir: str, *, repo_id: str, private: bool = False, dry_run: bool = False) -> int:
+    """Upload a run (model card, config.yaml, weights, eval.json, metrics) to a Hugging Face model repository;
+    needs huggingface_hub, a token (`hf auth login` or HF_TOKEN) and a network.
+
+    Args:
+        run_dir: a run directory
+        repo_id: the repository, NAME or ORG/NAME (created if needed)
+        private: create it private
+        dry_run: only list what would be uploaded (and refresh the card)
+    """
+    from .card import push
+
+    files = push(run_dir, repo_id, private=private, dry_run=dry_run)
+    verb = "would upload" if dry_run else "uploaded"
+    print(f"{verb} to https://huggingface.co/{repo_id}{' (private)' if private else ''}:")
+    for f in files:
+        print(f"  {f.name:<28} {f.stat().st_size / 1e6:>9.2f} MB")
+    return 0
+
+
 def cmd_models(pattern: Optional[str] = None) -> int:
     """The registry: name, family, parameters, GFLOPs and default image size.
 
@@ -398,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(e).split())
         print(f"vitkit: error: {msg} (see vitkit --help)", file=sys.stderr)
         return 2
-    commands = {"train": cmd_train, "pretrain": cmd_pretrain, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models,
+    commands = {"train": cmd_train, "pretrain": cmd_pretrain, "eval": cmd_eval, "predict": cmd_predict, "embed": cmd_embed,
+                "push": cmd_push, "models": cmd_models,
                 "convert": cmd_convert, "explain": cmd_explain, "export": cmd_export, "serve": cmd_serve, "benchmark": cmd_benchmark}
     args = ns[ns.command]
     try:

@@ -105,6 +105,8 @@ class RunRecord:
     tta_flip: bool = False
     tta_shift: int = 0
     world_size: int = 1
+    hardware: str | None = None
+    """Where the run trained, in words (the model card states it)."""
     source: str | None = None
     """Converted runs: the weights they came from."""
     schema: int = SCHEMA_VERSION
@@ -260,6 +262,7 @@ class Run:
         if not self.classes:
             raise ValueError(f"{self.path} is a {self.record.objective} pre-training run: it has no classifier; "
                              f"fine-tune it with `vitkit train --pretrained {self.path}`")
+        self.check_classifier()
         k = min(topk, len(self.classes))
         results = []
         for i in range(0, len(images), batch_size):
@@ -267,6 +270,52 @@ class Run:
             p, idx = self.model(x).float().softmax(dim=-1).topk(k, dim=-1)
             results += [[(self.classes[j], float(q)) for q, j in zip(pr.tolist(), ix.tolist())] for pr, ix in zip(p, idx)]
         return results
+
+
+    def check_classifier(self) -> None:
+        """A k-NN run classified by nearest neighbours while it ran; its head was never trained."""
+        if self.record.objective == "knn":
+            raise ValueError(f"{self.path} is a k-NN evaluation: it has no trained classifier; train one with "
+                             f"`vitkit train --pretrained {self.record.settings.get('pretrained')} --finetune linear`")
+
+    @torch.no_grad()
+    def embed(self, images: list[str | Path | Image.Image], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+        """One feature vector per image, `(N, num_features)` float32: the pooled features the classifier
+        reads (`forward_head(..., pre_logits=True)`), in the order of `images`."""
+        from tqdm import tqdm
+
+        out = []
+        for i in tqdm(range(0, len(images), batch_size), desc="embedding", unit="batch", disable=not progress):
+            x = self.preprocess(images[i : i + batch_size]).to(self.device)
+            out.append(self.model.forward_head(self.model.forward_features(x), pre_logits=True).float().cpu())
+        return torch.cat(out)
+
+
+def write_embeddings(path: str | Path, embeddings: torch.Tensor, files: list[str]) -> list[Path]:
+    """`.npy` (and the file names, one per row, in a `.txt` beside it) or `.parquet` (columns `file` and
+    `embedding`); written atomically. Returns the files written."""
+    import numpy as np
+
+    path = Path(path)
+    if path.suffix == ".npy":
+        buf = io.BytesIO()
+        np.save(buf, embeddings.numpy())
+        atomic_write(path, buf.getvalue())
+        atomic_write(path.with_suffix(".txt"), "".join(f"{f}\n" for f in files).encode())
+        return [path, path.with_suffix(".txt")]
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError("writing Parquet needs pyarrow (pip install pyarrow); or write .npy") from None
+        table = pa.table({"file": [str(f) for f in files],
+                          "embedding": pa.array(list(embeddings.numpy()), type=pa.list_(pa.float32()))})
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        atomic_write(path, buf.getvalue().to_pybytes())
+        return [path]
+    raise ValueError(f"{path}: write embeddings to a .npy or .parquet file")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

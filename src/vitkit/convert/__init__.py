@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..run import CONFIG, WEIGHTS, RunRecord, save_weights
+from ..card import write_card
+from ..run import CONFIG, WEIGHTS, Run, RunRecord, load_run, save_weights
 from ..models import create_model, get_model_entry, model_config, read_state_dict
 from ..models.weights import WEIGHTS_NAME, load_state
 from .common import Checkpoint, closest_variant, square
@@ -27,8 +29,8 @@ from .hf import read_hf
 from .jax import read_npz
 from .timm import convert_timm, resize_swin_bias_tables, timm_overrides
 
-__all__ = ["Checkpoint", "build_pretrained", "convert", "detect_format", "load_pretrained", "read_checkpoint",
-           "resolve_source"]
+__all__ = ["Checkpoint", "build_pretrained", "convert", "detect_format", "load_pretrained", "open_source",
+           "read_checkpoint", "resolve_source"]
 
 FORMATS = ("vitkit-run", "safetensors", "torch", "hf", "jax-npz")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -66,22 +68,26 @@ def detect_format(path: str | Path) -> str:
 
 
 def resolve_source(src: str | Path) -> Path:
-    """A local path as is; an `org/name` that is not one is fetched from the Hugging Face hub (optional:
-    without huggingface_hub, or offline, the error says how to pass a directory)."""
+    """A local path as is; a hub id (`org/name`, or timm's `hf-hub:org/name`) that is not one comes from
+    the Hugging Face hub through `huggingface_hub`: downloaded when online, read from the local cache when
+    offline (`HF_HUB_OFFLINE=1`, or no network). What is missing is said in one line."""
     path = Path(src)
-    if path.exists() or not HUB_ID.fullmatch(str(src)):
+    repo = str(src).removeprefix("hf-hub:")
+    if (path.exists() and repo == str(src)) or not HUB_ID.fullmatch(repo):
         return path
-    hint = f"download it where there is a connection (`hf download {src} --local-dir DIR`) and pass DIR"
+    hint = f"run `hf download {repo}` where there is a network (it fills the cache), or pass a local directory"
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
     except ImportError:
-        raise FileNotFoundError(f"no such file or directory: {src}; as a hub id it needs huggingface_hub, "
-                                f"or {hint}") from None
+        raise FileNotFoundError(f"no such file or directory: {src}; as a hub id it needs huggingface_hub "
+                                "(pip install huggingface_hub), or pass a local directory") from None
     try:
-        return Path(snapshot_download(str(src), allow_patterns=HUB_FILES))
-    except Exception as e:  # offline, unknown repository, no access: all the same to the user
-        raise OSError(f"no such file or directory: {src}, and it could not be downloaded from the Hugging Face hub "
-                      f"({type(e).__name__}); {hint}") from e
+        return Path(snapshot_download(repo, allow_patterns=HUB_FILES))
+    except Exception as e:  # offline and not cached, unknown repository, no access
+        where = (f"is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub is offline "
+                 "(HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else
+                 f"could not be downloaded from the Hugging Face hub ({type(e).__name__})")
+        raise OSError(f"no such file or directory: {src}, and as a hub id it {where}; {hint}") from e
 
 
 def read_checkpoint(path: str | Path, name: str | None = None) -> Checkpoint:
@@ -147,7 +153,17 @@ def convert(src: str | Path, out_dir: str | Path, *, model: str | None = None, n
               img_size=size, in_chans=cfg.in_chans, mean=_per_channel(ckpt.mean or entry.mean, cfg.in_chans),
               std=_per_channel(ckpt.std or entry.std, cfg.in_chans), classes=classes, objective="converted",
               source=str(src)).write(out)
+    write_card(out)
     return out
+
+
+def open_source(src: str | Path, model: str | None = None, device: str = "cpu") -> Run:
+    """A run directory, or any checkpoint `create_model(pretrained=)` takes (a hub id, a Hugging Face
+    directory, a timm file with `model`), as a `Run` in memory, with the preprocessing it states."""
+    if Path(src).is_dir() and (Path(src) / CONFIG).exists() and model is None:
+        return load_run(src, device)
+    with tempfile.TemporaryDirectory() as tmp:  # the record `convert` writes, and the weights, read back
+        return load_run(convert(src, Path(tmp) / "run", model=model), device)
 
 
 def _read_run(path: Path, name: str | None) -> Checkpoint:

@@ -1,8 +1,9 @@
 """Hugging Face checkpoint directories -> vitkit.
 
 transformers directories (`config.json` with `model_type`; `model.safetensors` or `pytorch_model.bin`):
-ViT, DeiT, Swin, BEiT, and CvT through `hf_cvt`; the architecture is mapped to the nearest registered
-variant plus overrides, so the rebuilt model is exactly the source's. timm's hub directories
+ViT, DeiT, Swin, BEiT; CvT through `hf_cvt`; DINOv2, CLIP and SigLIP through `hf_backbones`. The
+architecture is mapped to the nearest registered variant plus overrides, so the rebuilt model is
+exactly the source's. timm's hub directories
 (`config.json` with `architecture`) hold a timm state dict and go to `convert.timm`. The key tables
 rename the parameters; `merge_qkv` concatenates transformers' query, key and value into timm's `qkv`.
 """
@@ -182,8 +183,13 @@ def read_hf(path: Path, name: str | None = None) -> Checkpoint:
     if "model_type" not in config and "architecture" in config:
         return _timm_hub(config, state, name)
     model_type = config.get("model_type")
+    from . import hf_backbones  # here: it builds on this module's tables
+
+    if model_type in hf_backbones.ARCHITECTURES:
+        return _backbone(path, config, state, name)
     if model_type not in ARCHITECTURES:
-        raise ValueError(f"{path}: model_type {model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
+        supported = [*ARCHITECTURES, *hf_backbones.ARCHITECTURES]
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported; supported: {', '.join(supported)}")
     arch = (config.get("architectures") or [ARCHITECTURES[model_type][0]])[0]
     if arch not in ARCHITECTURES[model_type]:
         raise ValueError(f"{path}: {arch} is not supported; for {model_type}: {', '.join(ARCHITECTURES[model_type])}")
@@ -202,6 +208,19 @@ def read_hf(path: Path, name: str | None = None) -> Checkpoint:
     name, overrides = closest_variant(config_from_hf({**HF_DEFAULTS[model_type], **config}, num_classes), family, name)
     mean, std = _normalisation(path)
     return Checkpoint(state, name, overrides, _labels(config, num_classes), mean, std, family)
+
+
+def _backbone(path: Path, config: dict[str, Any], state: dict[str, torch.Tensor], name: str | None) -> Checkpoint:
+    """DINOv2, CLIP and SigLIP image towers (`hf_backbones`): headless, so no class names."""
+    from . import hf_backbones
+
+    archs, family = hf_backbones.ARCHITECTURES[config["model_type"]]
+    arch = (config.get("architectures") or [archs[0]])[0]
+    if arch not in archs:
+        raise ValueError(f"{path}: {arch} is not supported; for {config['model_type']}: {', '.join(archs)}")
+    state, target = hf_backbones.convert_backbone(config, state, str(path))
+    name, overrides = closest_variant(target, family, name)
+    return Checkpoint(state, name, overrides, None, *_normalisation(path), family)
 
 
 def _fold_single_deit_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

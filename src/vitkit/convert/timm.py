@@ -1,5 +1,6 @@
-"""timm checkpoints (ViT, DeiT, Swin, BEiT) -> vitkit: near identity, since vitkit uses timm's names.
-What a timm file holds beyond vitkit's parameters is dropped (listed below); the strict load reports the rest."""
+"""timm checkpoints (ViT, DeiT, DINOv2, CLIP, SigLIP, Swin, BEiT) -> vitkit: near identity, since vitkit
+uses timm's names; also the original DINOv2 release files. What a timm file holds beyond vitkit's
+parameters is dropped (listed below); the strict load reports the rest."""
 
 from __future__ import annotations
 
@@ -36,6 +37,22 @@ def convert_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # Stage 0 never downsamples in the new layout, so its merging layer marks the old one.
     if "layers.0.downsample.reduction.weight" in out:
         out = rename(out, OLD_SWIN_LAYOUT, "old Swin layout")
+    if "mask_token" in out and "blocks.0.ls1.gamma" in out:
+        out = _dinov2_release(out)
+    return out
+
+
+def _dinov2_release(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """facebookresearch/dinov2's files -> timm's layout, as timm converts them: the [MASK] token (used in
+    pre-training only) dropped, `register_tokens` renamed, and with registers the class token's position
+    embedding added to the token (the table then covers the patches: `no_embed_class`); ViT-g's SwiGLU
+    `w12`/`w3` are `fc1`/`fc2`."""
+    out = {re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", k)): v
+           for k, v in state.items() if k != "mask_token"}
+    if "register_tokens" in out:
+        out["reg_token"] = out.pop("register_tokens")
+        out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
+        out["pos_embed"] = out["pos_embed"][:, 1:]
     return out
 
 

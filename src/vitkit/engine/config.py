@@ -220,8 +220,22 @@ class TrainConfig(FitConfig):
     on `mnist5k` to 98.6-99.0% test top-1 in the final evaluation (EMA weights, test-time shifts; mean 98.8%
     over nine runs; 97.7-99.1% on the plain images) in about 4 minutes on two CPU cores (docs/recipes.md)."""
 
+    finetune: Literal["full", "lora", "linear", "knn"] = "full"
+    """With --pretrained, what learns: full: every weight; lora: low-rank adapters on the --lora_targets layers
+    (PEFT) and the new classifier, merged into plain weights when saved (default lr 2e-3, no layer decay);
+    linear: the classifier only, on frozen features (a linear probe); knn: nothing, the validation split is
+    classified by its --knn_k nearest training images (a baseline; the run has no classifier to predict with)."""
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    """Weighted vote of k-NN: each neighbour counts exp(cosine similarity / T) (DINO's 20 and 0.07)."""
     linear_probe: bool = False
-    """With --pretrained: train only the new classifier on frozen features (a linear probe)."""
+    """The same as --finetune linear."""
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    """Adapters add (lora_alpha / lora_rank) B A to each target weight."""
+    lora_dropout: float = 0.1
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv"])
+    """Linear layers (by name) that get adapters: qkv (attention; the default), proj, fc1, fc2."""
     label_smoothing: float = 0.1
     auto_augment: Literal["none", "randaugment", "trivialaugment", "autoaugment"] | None = None
     """Override the preset's per-image policy."""
@@ -241,16 +255,26 @@ class TrainConfig(FitConfig):
 
     @property
     def objective_name(self) -> str:
-        return "distill" if self.distill.teacher else "classify"
+        return "knn" if self.finetune == "knn" else "distill" if self.distill.teacher else "classify"
 
     def __post_init__(self) -> None:
         self.distill = _sub(self.distill, DistillConfig).resolve()
+        if self.linear_probe and self.finetune == "full":
+            self.finetune = "linear"
+        if self.finetune == "lora":  # adapters start at zero: a higher lr, and every block alike
+            self.lr = 2e-3 if self.lr is None else self.lr
+            self.layer_decay = 1.0 if self.layer_decay is None else self.layer_decay
         super().__post_init__()
         _check(self, {
             "mixup": (self.mixup is None or self.mixup >= 0, ">= 0"),
             "cutmix": (self.cutmix is None or self.cutmix >= 0, ">= 0"),
             "random_erasing": (self.random_erasing is None or 0 <= self.random_erasing <= 1, "in [0, 1]"),
-            "linear_probe": (not self.linear_probe or self.pretrained is not None, "false without --pretrained"),
+            "linear_probe": (not self.linear_probe or self.finetune == "linear", "the same as --finetune linear"),
+            "finetune": (self.finetune == "full" or self.pretrained is not None, "full without --pretrained"),
+            "lora_rank": (self.lora_rank >= 1, ">= 1"), "lora_dropout": (0 <= self.lora_dropout < 1, "in [0, 1)"),
+            "lora_targets": (len(self.lora_targets) > 0, "at least one layer name"),
+            "knn_k": (self.knn_k >= 1, ">= 1"), "knn_temperature": (self.knn_temperature > 0, "> 0"),
+            "time_budget": (self.finetune != "knn" or self.time_budget is None, "null with --finetune knn (nothing trains)"),
             "label_smoothing": (0 <= self.label_smoothing < 1, "in [0, 1)"),
             "train_subset": (self.train_subset is None or self.train_subset > 0, "> 0 (a fraction < 1 or a count)"),
         })

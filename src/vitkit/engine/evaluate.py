@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..card import write_card
 from ..data import FolderSplit, load_data, make_loader
 from ..data.datasets import _scan_classes
 from ..run import CURVES, RunRecord, load_run, write_eval
@@ -84,6 +85,7 @@ def evaluate_run(path: str | Path, data: str | None = None, *, batch_size: int =
     `report_dir`: also write the full report there. `tta` defaults to the views the run's final evaluation used."""
     run = load_run(path, device, weights)
     rec = run.record
+    run.check_classifier()
     if not rec.classes:
         raise ValueError(f"{path} is a {rec.objective} pre-training run: it has no classifier to evaluate; "
                          f"fine-tune it with `vitkit train --pretrained {path}`")
@@ -104,6 +106,7 @@ def evaluate_run(path: str | Path, data: str | None = None, *, batch_size: int =
     outputs = {k: result.pop(k) for k in ("logits", "targets") if k in result}
     result = {"run": str(path), "data": source, "weights": run.weights, "tta_views": tta_view_count(flip, shift), **result}
     write_eval(path, result)
+    write_card(path)  # the card states the latest measurement
     if report_dir is not None:
         write_report(report_dir, outputs["logits"], outputs["targets"], rec.classes, images=split_images(split),
                      curves=Path(path) / CURVES, summary=result)

@@ -19,6 +19,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
+from ..card import describe_hardware, write_card
 from ..convert import HUB_ID, read_checkpoint, resolve_source
 from ..data import TensorSplit, load_data, make_loader, resolve_augment, subset_split
 from ..data.datasets import load_unlabeled
@@ -54,7 +55,7 @@ class Session:
     objective: Objective
     train_loader: Any
     val_loader: Any
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None  # None when the objective does not train (k-NN)
     ema: AveragedModel | None
     lr_at: Callable[[int], float]
     steps_per_epoch: int
@@ -128,7 +129,7 @@ def fit(cfg: FitConfig) -> Path:
     train_model = s.runtime.wrap(s.objective)
     if s.cfg.compile:
         train_model = torch.compile(train_model)
-    for epoch in range(s.start_epoch, s.cfg.epochs):
+    for epoch in range(s.start_epoch, s.cfg.epochs if s.objective.trains else 0):
         t0 = time.perf_counter()
         torch.manual_seed(epoch_seed(s.cfg.seed, epoch, s.runtime.rank))
         s.train_loader.set_epoch(epoch)
@@ -178,6 +179,11 @@ def _finish(s: Session) -> None:
         weights = "raw" if s.ema is None else "ema"
         write_eval(s.run_dir, {"run": str(s.run_dir), "data": s.cfg.data, "weights": weights, **final})
         print(f"final evaluation, {weights} weights: {s.objective.describe(final)} -> {s.run_dir / EVAL}", flush=True)
+    if s.runtime.is_main:
+        if not s.objective.trains:  # the backbone as it came (k-NN): what the card counts, and `vitkit embed` reads
+            meta = {"model": s.cfg.model, "objective": s.objective.name}
+            save_weights(s.run_dir / WEIGHTS, s.objective.backbone_state(), meta)
+        write_card(s.run_dir)
     s.runtime.barrier()
     s.runtime.close()
 
@@ -272,7 +278,7 @@ def _resolve_model(cfg: FitConfig) -> FitConfig:
     pre = Path(cfg.pretrained) if cfg.pretrained else None
     if pre is None:
         return replace(cfg, model=DEFAULT_MODEL)
-    if not pre.exists() and not HUB_ID.fullmatch(str(pre)):
+    if not pre.exists() and not HUB_ID.fullmatch(str(pre).removeprefix("hf-hub:")):
         raise ValueError(f"--pretrained {pre} does not exist, so --model must name the architecture")
     # A vitkit run, a Hugging Face directory or hub id and a JAX .npz name their architecture; timm files do not.
     ckpt = read_checkpoint(resolve_source(pre))
@@ -364,13 +370,14 @@ def _record(ctx: Context, kind: type[Objective], model_args: dict[str, Any], hfl
         objective=kind.name, settings=settings, data=cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction,
         precision=ctx.runtime.precision, ema=cfg.ema is not None, tta=tta and kind.classifier,
         tta_flip=ctx.tta[0], tta_shift=ctx.tta[1], world_size=ctx.runtime.world_size,
+        hardware=describe_hardware(ctx.runtime.device, ctx.runtime.world_size),
     )
 
 
 def _session(cfg: FitConfig, run_dir: Path, runtime: Runtime, objective: Objective, train_loader, val_loader) -> Session:
     """The optimizer, EMA and learning-rate schedule over the run's optimizer steps."""
-    optimizer = create_optimizer(objective, cfg.lr, cfg.weight_decay, cfg.layer_decay)
-    ema = create_ema(objective.model, cfg.ema) if cfg.ema else None
+    optimizer = create_optimizer(objective, cfg.lr, cfg.weight_decay, cfg.layer_decay) if objective.trains else None
+    ema = create_ema(objective.model, cfg.ema) if cfg.ema and objective.trains else None
     steps_per_epoch = len(train_loader) // cfg.accum_steps
     total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     lr_at = lambda step: warmup_cosine(step, total, warmup, cfg.lr, cfg.min_lr)  # noqa: E731

@@ -26,7 +26,7 @@ from torch import nn
 
 from .contract import BlockOutputs, VisionModel
 from .layers.helpers import check_ranges, classifier_head, init_linears, to_2tuple
-from .layers import Attention, Block, PatchEmbed, linear, resample_abs_pos_embed
+from .layers import Attention, Block, Linear, PatchEmbed, linear, resample_abs_pos_embed
 from .layers.block import encoder_blocks
 from .layers.pos_embed import window_offset_index
 from .registry import INCEPTION_MEAN, INCEPTION_STD, ModelEntry, register_model
@@ -213,6 +213,8 @@ class BeitAttention(Attention):
         if self.q_bias is None:
             return self.qkv(x)
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        if type(self.qkv) is not Linear:  # wrapped (a LoRA adapter): call it, so the wrapper's product counts
+            return self.qkv(x) + bias
         return linear(x, self.qkv.weight, bias)  # (B, N, 3 * D)
 
     def forward(

@@ -21,10 +21,15 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int], in_chans: int
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     x = torch.empty(batch, in_chans, h, w, device="meta")
     was_training = model.training
-    model.eval()
+    # A parameter a module takes as input (a pooling head's latent query) would otherwise be tracked by
+    # the counter's backward hooks, which fail under no_grad.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.eval().requires_grad_(False)
     try:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model.to("meta")(x)
     finally:
         model.train(was_training)
+        for p in trainable:
+            p.requires_grad_(True)
     return counter.get_total_flops()

@@ -1,10 +1,14 @@
-"""Vision Transformer (Dosovitskiy et al. 2021) and DeiT (Touvron et al. 2021).
+"""Vision Transformer (Dosovitskiy et al. 2021) and the backbones built on it: DeiT, DeiT III, DINOv2,
+the CLIP and SigLIP image towers.
 
 The image is cut into patches, each projected to a token; a class token (or global average
 pooling) summarises the sequence after a stack of pre-norm encoder blocks. DeiT is the same
 architecture plus a distillation token with its own head. The hybrids (ViT paper, sec. 3.1) take
-their tokens from a ResNet's feature map instead of from pixels. Parameter names follow timm's
-`VisionTransformer` so timm state dicts load unchanged.
+their tokens from a ResNet's feature map instead of from pixels. DINOv2 (Oquab et al. 2024) adds
+LayerScale and, in its `reg4` variants, register tokens (Darcet et al. 2024: extra prefix tokens
+that soak up the high-norm artefacts attention maps otherwise show); CLIP normalises the embedded
+tokens before the blocks (`pre_norm`); SigLIP pools with an attention head (`global_pool="map"`).
+Parameter names follow timm's `VisionTransformer` so timm state dicts load unchanged.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ import torch
 from torch import nn
 
 from .contract import BlockOutputs, VisionModel
+from .layers.attention_pool import AttentionPoolLatent
 from .layers.helpers import check_ranges, classifier_head, init_linears, to_2tuple
 from .layers import ConvStem, PatchEmbed, resample_abs_pos_embed, sincos_2d_pos_embed
 from .layers.block import encoder_blocks
+from .layers.mlp import ACTIVATIONS, MLP_LAYERS
 from .layers.patch_embed import HybridEmbed
 from .layers.resnet import ResNetV2Backbone, backbone_reduction
 from .registry import INCEPTION_MEAN, INCEPTION_STD, ModelEntry, register_model
@@ -37,15 +43,22 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     class_token: bool = True
-    global_pool: Literal["token", "avg"] = "token"
+    reg_tokens: int = 0  # register tokens (DINOv2 reg4): prefix tokens after the class token, left out of maps
+    global_pool: Literal["token", "avg", "map"] = "token"  # map: attention pooling over the patches (SigLIP)
     fc_norm: bool | None = None  # None: on with avg pooling, as in timm (norm after pooling)
     pos_embed: Literal["learn", "sincos", "none"] = "learn"
+    # Resampling the learned table for another grid: anti-aliased bicubic as timm, plain bicubic as
+    # transformers' DINOv2, CLIP and SigLIP (the two differ by up to 1e-2; set by the converter).
+    pos_embed_antialias: bool = True
     embed_layer: Literal["patch", "conv", "hybrid"] = "patch"
     # "hybrid": stage depths of the ResNet-V2 backbone; `patch_size` then counts feature-map pixels.
     backbone_layers: tuple[int, ...] = ()
     distilled: bool = False  # DeiT: add a distillation token and head
     no_embed_class: bool = False  # DeiT III: position embeddings for the patches only, not the prefix tokens
     init_values: float | None = None  # layer scale
+    pre_norm: bool = False  # CLIP: a LayerNorm on the embedded tokens before the first block
+    act_layer: Literal["gelu", "gelu_tanh", "quick_gelu", "silu"] = "gelu"  # quick_gelu: OpenAI's CLIP weights
+    mlp_layer: Literal["mlp", "swiglu_packed"] = "mlp"  # swiglu_packed: DINOv2 ViT-g (hidden counts both halves)
     drop_rate: float = 0.0  # before the head
     pos_drop_rate: float = 0.0
     proj_drop_rate: float = 0.0
@@ -59,7 +72,10 @@ class ViTConfig:
         if self.distilled and not self.class_token:
             raise ValueError("a distilled (DeiT) model needs class_token=True")
         check_ranges(self, positive=("in_chans", "embed_dim", "depth", "num_heads", "patch_size"),
-                     nonnegative=("num_classes",))
+                     nonnegative=("num_classes", "reg_tokens"))
+        for field, valid in (("act_layer", ACTIVATIONS), ("mlp_layer", MLP_LAYERS)):
+            if getattr(self, field) not in valid:
+                raise ValueError(f"{field} {getattr(self, field)!r} is not one of {', '.join(valid)}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if (self.embed_layer == "hybrid") != bool(self.backbone_layers):
@@ -89,7 +105,7 @@ class VisionTransformer(VisionModel):
         self.num_classes = cfg.num_classes
         self.num_features = D
         self.global_pool = cfg.global_pool
-        self.num_prefix_tokens = int(cfg.class_token) + int(cfg.distilled)
+        self.num_prefix_tokens = int(cfg.class_token) + int(cfg.distilled) + cfg.reg_tokens
         self.num_pos_prefix = 0 if cfg.no_embed_class else self.num_prefix_tokens  # prefix rows of the position table
         self.grid = (to_2tuple(cfg.img_size)[0] // cfg.reduction, to_2tuple(cfg.img_size)[1] // cfg.reduction)
 
@@ -97,10 +113,13 @@ class VisionTransformer(VisionModel):
             backbone = ResNetV2Backbone(cfg.backbone_layers, cfg.in_chans)
             self.patch_embed = HybridEmbed(backbone, cfg.patch_size, D)
         else:
-            embed = PatchEmbed if cfg.embed_layer == "patch" else ConvStem
-            self.patch_embed = embed(cfg.patch_size, cfg.in_chans, D)
+            if cfg.embed_layer == "patch":
+                self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D, bias=not cfg.pre_norm)
+            else:
+                self.patch_embed = ConvStem(cfg.patch_size, cfg.in_chans, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.distilled else None
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, D)) if cfg.reg_tokens else None
         n_pos = self.grid[0] * self.grid[1] + self.num_pos_prefix
         if cfg.pos_embed == "learn":
             self.pos_embed = nn.Parameter(torch.randn(1, n_pos, D) * 0.02)
@@ -109,11 +128,16 @@ class VisionTransformer(VisionModel):
         else:
             self.pos_embed = None
         self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
-
         norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
-        self.blocks = encoder_blocks(cfg, norm_layer=norm_layer)
+        self.norm_pre = norm_layer(D) if cfg.pre_norm else nn.Identity()
+
+        act_layer = ACTIVATIONS[cfg.act_layer]
+        self.blocks = encoder_blocks(cfg, norm_layer=norm_layer, act_layer=act_layer, mlp_layer=MLP_LAYERS[cfg.mlp_layer])
         use_fc_norm = cfg.global_pool == "avg" if cfg.fc_norm is None else cfg.fc_norm
         self.norm = nn.Identity() if use_fc_norm else norm_layer(D)
+        self.attn_pool = (AttentionPoolLatent(D, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+                                              norm_layer=norm_layer, act_layer=act_layer)
+                          if cfg.global_pool == "map" else None)
         self.fc_norm = norm_layer(D) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = classifier_head(D, cfg.num_classes)
@@ -129,9 +153,9 @@ class VisionTransformer(VisionModel):
 
     def _init_weights(self) -> None:
         # timm's "vit" init: truncated normal (std .02) linears, zero biases, tiny token init.
-        for tok in (self.cls_token, self.dist_token):
+        for tok in (self.cls_token, self.dist_token, self.reg_token):
             if tok is not None:
-                nn.init.normal_(tok, std=1e-6 if tok is self.cls_token else 0.02)
+                nn.init.normal_(tok, std=0.02 if tok is self.dist_token else 1e-6)
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         init_linears(self)
@@ -141,17 +165,20 @@ class VisionTransformer(VisionModel):
         if isinstance(self.pos_embed, nn.Parameter) and key in state_dict:
             pe = state_dict[key]
             if pe.shape != self.pos_embed.shape and pe.shape[-1] == self.pos_embed.shape[-1]:
-                state_dict[key] = resample_abs_pos_embed(pe, self.grid, num_prefix_tokens=self.num_pos_prefix)
+                state_dict[key] = resample_abs_pos_embed(pe, self.grid, num_prefix_tokens=self.num_pos_prefix,
+                                                         antialias=self.cfg.pos_embed_antialias)
 
     # -- the model contract ---------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token", "dist_token"}
+        return {"pos_embed", "cls_token", "dist_token", "reg_token", "latent"}
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
             if global_pool == "token" and self.cls_token is None:
                 raise ValueError("global_pool='token' needs a class token")
+            if (global_pool == "map") != (self.attn_pool is not None):
+                raise ValueError("the attention-pooling head is part of the architecture: build with global_pool='map'")
             self.global_pool = global_pool
         self.head = classifier_head(self.num_features, num_classes)
         if self.head_dist is not None:
@@ -162,13 +189,14 @@ class VisionTransformer(VisionModel):
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         x, grid = self.patch_embed(x)  # (B, N, D)
-        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token)
+                  if t is not None]
         if self.cfg.no_embed_class and self.pos_embed is not None:  # DeiT III: positions before the prefix joins
             x = x + self._pos_embed_for(grid)
         x = torch.cat(prefix + [x], dim=1)
         if not self.cfg.no_embed_class and self.pos_embed is not None:
             x = x + self._pos_embed_for(grid)
-        return self.pos_drop(x), grid
+        return self.norm_pre(self.pos_drop(x)), grid
 
     def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
         if grid == self.grid:
@@ -176,7 +204,7 @@ class VisionTransformer(VisionModel):
         if self.cfg.pos_embed == "sincos":
             return self._sincos(grid).to(self.pos_embed)
         # Any input size that is a multiple of the patch: resample the learned table on the fly.
-        return resample_abs_pos_embed(self.pos_embed, grid, self.grid, self.num_pos_prefix)
+        return resample_abs_pos_embed(self.pos_embed, grid, self.grid, self.num_pos_prefix, self.cfg.pos_embed_antialias)
 
     def forward_features(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """All tokens `(B, prefix + N, D)`. With `ids_keep` `(B, K)` (patch indices), the blocks see
@@ -203,6 +231,8 @@ class VisionTransformer(VisionModel):
         """Tokens `(B, N, D)` -> pooled features `(B, D)` (a pair for DeiT: class and distillation)."""
         if self.dist_token is not None:
             return x[:, 0], x[:, 1]
+        if self.attn_pool is not None:
+            return self.attn_pool(x[:, self.num_prefix_tokens :])
         if self.global_pool == "avg":
             return x[:, self.num_prefix_tokens :].mean(dim=1)
         return x[:, 0]
@@ -281,6 +311,35 @@ VARIANTS.update({
     "vit_base_r50_s16_224": (replace(_B, backbone_layers=(3, 4, 9), num_classes=0, **_HYBRID), _INCEPTION),
 })
 
+# DINOv2 (Oquab et al. 2024): patch 14 at 518 px (37 x 37 patches), LayerScale 1e-5, headless
+# feature extractors (num_classes=0) as timm registers them; reg4 adds 4 register tokens (Darcet et al.
+# 2024), whose position table covers the patches only. ViT-g has a packed SwiGLU MLP of 2 x 4096 units.
+_DINO = dict(patch_size=14, img_size=518, num_classes=0, init_values=1e-5)
+_REG4 = dict(reg_tokens=4, no_embed_class=True)
+_G = ViTConfig(embed_dim=1536, depth=40, num_heads=24, mlp_ratio=2.66667 * 2, mlp_layer="swiglu_packed",
+               act_layer="silu")
+for _size, _base in (("small", _S), ("base", _B), ("large", _L), ("giant", _G)):
+    VARIANTS[f"vit_{_size}_patch14_dinov2"] = (replace(_base, **_DINO), {})
+    VARIANTS[f"vit_{_size}_patch14_reg4_dinov2"] = (replace(_base, **_DINO, **_REG4), {})
+# Image towers of contrastive image-text models. CLIP (Radford et al. 2021): a LayerNorm before the blocks,
+# epsilon 1e-5; OpenAI's weights were trained with QuickGELU (the quickgelu variants), LAION's with GELU.
+# The class counts are those of timm's default weights (an ImageNet head, or the 512/768-d projection).
+# SigLIP (Zhai et al. 2023): no class token; attention pooling (MAP), or the average without fc_norm (gap).
+_CLIP = dict(pre_norm=True, norm_eps=1e-5)
+_CLIP_STATS = dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+_HALF = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+for _name, _base, _classes, _stats in (("vit_base_patch32", replace(_B, patch_size=32), (1000, 512), (_CLIP_STATS,) * 2),
+                                       ("vit_base_patch16", _B, (1000, 512), (_CLIP_STATS,) * 2),
+                                       ("vit_large_patch14", replace(_L, patch_size=14), (1000, 768), (_HALF, _CLIP_STATS))):
+    VARIANTS[f"{_name}_clip_224"] = (replace(_base, **_CLIP, num_classes=_classes[0]), _stats[0])
+    VARIANTS[f"{_name}_clip_quickgelu_224"] = (replace(_base, **_CLIP, num_classes=_classes[1], act_layer="quick_gelu"),
+                                               _stats[1])
+_SIGLIP = dict(class_token=False, num_classes=0)
+VARIANTS["vit_base_patch16_siglip_224"] = (replace(_B, **_SIGLIP, global_pool="map"), _HALF)
+VARIANTS["vit_base_patch16_siglip_gap_224"] = (replace(_B, **_SIGLIP, global_pool="avg", fc_norm=False), _HALF)
+
+_FAMILIES = {"dinov2": "dinov2", "clip": "clip", "siglip": "siglip"}
 for _name, (_cfg, _pre) in VARIANTS.items():
-    _family = "hybrid" if _cfg.embed_layer == "hybrid" else "deit" if _name.startswith("deit") else "vit"
+    _family = next((f for tag, f in _FAMILIES.items() if tag in _name), None)
+    _family = _family or ("hybrid" if _cfg.embed_layer == "hybrid" else "deit" if _name.startswith("deit") else "vit")
     register_model(ModelEntry(name=_name, family=_family, config=_cfg, builder=VisionTransformer, **_pre))

@@ -5,6 +5,7 @@ each owning its extra modules (decoder, tokenizer, teacher), loss, logs and eval
     distill.py   DeiT distillation: classification plus a frozen teacher's hard or soft targets
     mae.py       masked autoencoder: pixels of masked patches
     beit.py      BEiT masked image modeling: visual tokens of masked patches (tokenizer.py)
+    knn.py       k-NN classification on frozen features: no training, a baseline (lora.py: LoRA for classify)
 
 The loop never branches on which objective it runs; a new objective is a file here and a line in `objective_class`.
 """
@@ -49,6 +50,8 @@ class Objective(nn.Module):
     """A contract method the backbone must implement, and what to tell a user whose model lacks it."""
     labels: ClassVar[bool] = True
     classifier: ClassVar[bool] = True
+    trains: ClassVar[bool] = True
+    """False: no epochs, the run is its final evaluation (k-NN on frozen features)."""
     build_args: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, model: nn.Module) -> None:
@@ -111,9 +114,10 @@ def objective_class(name: str) -> type[Objective]:
     from .beit import BeitMIM
     from .classify import Classify
     from .distill import Distill
+    from .knn import KNN
     from .mae import MaskedAutoencoder
 
-    classes = {c.name: c for c in (Classify, Distill, MaskedAutoencoder, BeitMIM)}
+    classes = {c.name: c for c in (Classify, Distill, MaskedAutoencoder, BeitMIM, KNN)}
     if name not in classes:
         raise ValueError(f"unknown objective {name!r}; choose from {', '.join(classes)}")
     return classes[name]

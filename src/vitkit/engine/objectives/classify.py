@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from ...data import BatchMix, resolve_augment
 from ..evaluate import describe_tta, evaluate, tta_view_count
-from . import Context, Objective
+from . import Context, Objective, lora
 
 
 def classification_loss(outputs: torch.Tensor | tuple[torch.Tensor, ...], targets: torch.Tensor,
@@ -31,9 +32,10 @@ class Classify(Objective):
     name = "classify"
 
     def __init__(self, model: nn.Module, *, label_smoothing: float = 0.0, mix: BatchMix | None = None,
-                 tta: tuple[bool, int] = (False, 0)) -> None:
+                 tta: tuple[bool, int] = (False, 0), lora: dict[str, Any] | None = None) -> None:
         super().__init__(model)
         self.label_smoothing, self.mix, self.tta = label_smoothing, mix, tta
+        self.lora = lora  # the adapter's PEFT config when fine-tuning with LoRA
 
     @classmethod
     def augment_overrides(cls, cfg: Any) -> dict[str, Any]:
@@ -41,11 +43,32 @@ class Classify(Objective):
 
     @classmethod
     def build(cls, model: nn.Module, ctx: Context) -> Classify:
-        if ctx.cfg.linear_probe:  # only the classifier learns; the optimizer sees trainable parameters only
+        adapter = cls.adapt(model, ctx.cfg)
+        if ctx.cfg.finetune != "full" and ctx.runtime.is_main:
+            trainable, total = (sum(p.numel() for p in model.parameters() if p.requires_grad or not only)
+                                for only in (True, False))
+            print(f"fine-tuning ({ctx.cfg.finetune}): {trainable:,} of {total:,} parameters train "
+                  f"({100 * trainable / total:.2f}%)")
+        return cls(model, label_smoothing=ctx.cfg.label_smoothing, mix=cls.batch_mix(ctx), tta=ctx.tta, lora=adapter)
+
+    @staticmethod
+    def adapt(model: nn.Module, cfg: Any) -> dict[str, Any] | None:
+        """What fine-tuning trains (`--finetune`); the optimizer sees trainable parameters only. The LoRA config, if any."""
+        if cfg.finetune == "linear":  # only the classifier learns
             heads = tuple(model.head_prefixes)
             for n, p in model.named_parameters():
                 p.requires_grad_(n.startswith(heads))
-        return cls(model, label_smoothing=ctx.cfg.label_smoothing, mix=cls.batch_mix(ctx), tta=ctx.tta)
+        elif cfg.finetune == "lora":
+            return lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets))
+        return None
+
+    def backbone_state(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Plain weights: LoRA adapters merged, so every tool loads the run as it loads any other."""
+        return lora.merged_state(model or self.model) if self.lora else super().backbone_state(model)
+
+    def on_epoch_end(self, run_dir: Path, epoch: int) -> None:
+        if self.lora:
+            lora.save_adapter(self.model, self.lora, run_dir)
 
     @classmethod
     def batch_mix(cls, ctx: Context) -> BatchMix | None:

@@ -15,7 +15,8 @@ from .mlp import Mlp
 class Block(nn.Module):
     """`x + attn(norm1(x))` then `x + mlp(norm2(x))`, each branch with optional layer scale and drop path.
 
-    `attn_layer(dim, num_heads, qkv_bias=, attn_drop=, proj_drop=)` builds the attention (a family's own).
+    `attn_layer(dim, num_heads, qkv_bias=, attn_drop=, proj_drop=)` builds the attention (a family's own),
+    `mlp_layer(dim, hidden, act_layer=, drop=)` the feed-forward network (`Mlp`, or a gated `GluMlp`).
     """
 
     def __init__(
@@ -32,6 +33,7 @@ class Block(nn.Module):
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
         act_layer: type[nn.Module] = nn.GELU,
         attn_layer: Callable[..., nn.Module] = Attention,
+        mlp_layer: Callable[..., nn.Module] = Mlp,
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -39,7 +41,7 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.mlp = mlp_layer(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 

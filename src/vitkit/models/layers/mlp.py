@@ -8,6 +8,24 @@ from torch import nn
 from .linear import Linear, linear_gelu
 
 
+class QuickGELU(nn.Module):
+    """`x * sigmoid(1.702 x)`: the GELU approximation OpenAI's CLIP was trained with (its weights need it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class GELUTanh(nn.GELU):
+    """GELU's tanh approximation: what the SigLIP release computes (transformers' `gelu_pytorch_tanh`)."""
+
+    def __init__(self) -> None:
+        super().__init__(approximate="tanh")
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "gelu_tanh": GELUTanh, "quick_gelu": QuickGELU,
+                                           "silu": nn.SiLU}
+
+
 class Mlp(nn.Module):
     """Linear -> activation -> dropout -> linear -> dropout; names follow timm (`fc1`, `fc2`)."""
 
@@ -40,3 +58,29 @@ class Mlp(nn.Module):
             and not (self.training and self.drop1.p > 0)
             and not any(m._forward_hooks or m._forward_pre_hooks for m in (self.fc1, self.act))
         )
+
+
+class GluMlp(nn.Module):
+    """Gated linear unit MLP, packed: `fc1` computes the value and the gate side by side, then
+    `fc2(act(x1) * x2)` (Shazeer 2020). With SiLU it is SwiGLU, as timm's `SwiGLUPacked` (DINOv2 ViT-g).
+    `hidden_features` counts both halves, as in timm."""
+
+    def __init__(
+        self, in_features: int, hidden_features: int, *, act_layer: type[nn.Module] = nn.SiLU, drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if hidden_features % 2:
+            raise ValueError(f"a packed GLU needs an even hidden width, got {hidden_features}")
+        self.fc1 = Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.norm = nn.Identity()  # timm's slot for a norm on the gated features; none of these models uses one
+        self.fc2 = Linear(hidden_features // 2, in_features)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.fc1(x).chunk(2, dim=-1)  # the gate is the first half (timm: gate_last=False)
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(x1) * x2))))
+
+
+MLP_LAYERS: dict[str, type[nn.Module]] = {"mlp": Mlp, "swiglu_packed": GluMlp}

@@ -15,15 +15,16 @@ class PatchEmbed(nn.Module):
 
     A strided convolution is exactly a per-patch linear map; timm's name is `proj`. Any input whose
     sides are multiples of the patch size is accepted; the grid is returned with the tokens so
-    position embeddings can follow it. `norm_layer` normalises the tokens (Swin; timm's `norm`).
+    position embeddings can follow it. `norm_layer` normalises the tokens (Swin; timm's `norm`); CLIP's
+    projection has no bias (its pre-norm would cancel one).
     """
 
     def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
-                 norm_layer: Callable[[int], nn.Module] | None = None) -> None:
+                 norm_layer: Callable[[int], nn.Module] | None = None, bias: bool = True) -> None:
         super().__init__()
         self.patch_size = to_2tuple(patch_size)
         self.reduction = self.patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
         self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -30,11 +30,14 @@ def resample_abs_pos_embed(
     new_grid: tuple[int, int],
     old_grid: tuple[int, int] | None = None,
     num_prefix_tokens: int = 0,
+    antialias: bool = True,
 ) -> torch.Tensor:
     """Bicubically resample a learned table `(1, prefix + H*W, D)` to `new_grid`.
 
     Prefix tokens (class, distillation) keep their embeddings. Interpolation runs in float32 with
     anti-aliasing, as timm does, so a checkpoint resized by either library gives the same table.
+    transformers' DINOv2, CLIP and SigLIP interpolate without (`antialias=False`); torch's two bicubic
+    kernels differ even when upsampling, so a converted model resamples as its source does.
     """
     n = pos_embed.shape[1] - num_prefix_tokens
     if old_grid is None:
@@ -49,7 +52,7 @@ def resample_abs_pos_embed(
     prefix, grid_pe = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     D = grid_pe.shape[-1]
     grid_pe = grid_pe.float().reshape(1, *old_grid, D).permute(0, 3, 1, 2)  # (1, D, H, W)
-    grid_pe = F.interpolate(grid_pe, size=new_grid, mode="bicubic", antialias=True, align_corners=False)
+    grid_pe = F.interpolate(grid_pe, size=new_grid, mode="bicubic", antialias=antialias, align_corners=False)
     grid_pe = grid_pe.permute(0, 2, 3, 1).reshape(1, -1, D).to(pos_embed.dtype)
     return torch.cat([prefix, grid_pe], dim=1)
 
