@@ -142,6 +142,7 @@ def _digit_folder(root):
     return root
 
 
+@pytest.mark.slow  # ~22 s: teacher and student from the CLI; the objective's parts are checked above
 def test_deit_pipeline_from_the_cli_on_an_image_folder(tmp_path):
     """Train a CNN teacher, then a distilled DeiT student from it, both from the CLI, offline."""
     folder = _digit_folder(tmp_path / "imgs")

@@ -66,6 +66,7 @@ def test_train_writes_run_dir_and_reloads_identically(tmp_path):
         train(TrainConfig(**FAST, out=str(run_dir)))
 
 
+@pytest.mark.slow  # ~18 s; exact resume after a SIGKILL is checked in the default suite (test_kill_resume.py)
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch):
     full = train(TrainConfig(**{**FAST, "epochs": 3}, out=str(tmp_path / "full")))
 

@@ -6,10 +6,11 @@ import vitkit.run as vrun
 from vitkit.engine import TrainConfig, train
 from vitkit.run import load_run
 
-# Swin needs 6 epochs at 32 px (~50 s on 2 cores, the suite's time): slow; its training step runs in the
-# default suite through tests/test_models.py (forward, backward, contract) and its parity with timm.
+# Swin needs 6 epochs at 32 px (~50 s on 2 cores), CvT ~11 s: slow (the suite's time); their training step runs in
+# the default suite through tests/test_models.py (forward, backward, contract) and their parity tests.
 SMALL = ["vit_pico_conv4_28", "deit_pico_distilled_conv4_28",
-         pytest.param("swin_pico_patch2_window4_32", marks=pytest.mark.slow), "beit_pico_patch4_28", "cvt_pico_28"]
+         pytest.param("swin_pico_patch2_window4_32", marks=pytest.mark.slow), "beit_pico_patch4_28",
+         pytest.param("cvt_pico_28", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("name", SMALL)

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors import safe_open
 
-from .run import EMA_WEIGHTS, EVAL, WEIGHTS, RunRecord, atomic_write, read_metrics
+from .run import EMA_WEIGHTS, EVAL, WEIGHTS, RunRecord, atomic_write, front_matter, read_metrics
 
 CARD = "README.md"
 # What `push` uploads: the card, the record, the weights, the measurements; not the resume checkpoint.
@@ -69,7 +68,6 @@ def model_card(run_dir: str | Path) -> str:
     rec = RunRecord.read(run_dir)
     ev = json.loads((run_dir / EVAL).read_text()) if (run_dir / EVAL).exists() else None
     rows = read_metrics(run_dir)
-    s = rec.settings
     meta: dict[str, Any] = {"library_name": "vitkit", "tags": ["vitkit", "vision-transformer", rec.model]}
     if rec.classes:
         meta["pipeline_tag"] = "image-classification"
@@ -86,11 +84,11 @@ def model_card(run_dir: str | Path) -> str:
     h, w = rec.img_size
     arch = {k: v for k, v in rec.model_args.items() if k not in ("num_classes", "in_chans", "img_size")}
     arch_note = f" with {', '.join(f'{k}={v}' for k, v in arch.items())}" if arch else ""
-    out = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {run_dir.name}", "",
+    out = [front_matter(meta), "", f"# {run_dir.name}", "",
            f"`{rec.model}`{arch_note} ({n_params / 1e6:.2f}M parameters, {h}x{w} px, {rec.in_chans} channel"
            f"{'s' if rec.in_chans > 1 else ''}), {_OBJECTIVES.get(rec.objective, rec.objective)}"
            + (f" on `{rec.data}`" if rec.data else "") + (f", from `{rec.source}`" if rec.source else "")
-           + (f", starting from `{s['pretrained']}`" if s.get("pretrained") else "") + ", with vitkit.", ""]
+           + (f", starting from `{rec.pretrained}`" if rec.pretrained else "") + ", with vitkit.", ""]
     out += ["## Results", ""]
     if ev is not None and "acc1" in ev:
         out += ["| metric | value |", "|---|---|", f"| top-1 | {ev['acc1']:.2f}% |", f"| top-5 | {ev['acc5']:.2f}% |",
@@ -107,8 +105,7 @@ def model_card(run_dir: str | Path) -> str:
         total = sum(r.get("time_s", 0.0) for r in rows)
         out += [f"- {len(rows)} epochs in {total / 60:.1f} min on {rec.hardware or 'unrecorded hardware'}, "
                 f"precision {rec.precision}, seed {rec.seed}."]
-        recipe = [f"{k} {s[k]}" for k in ("batch_size", "lr", "weight_decay", "layer_decay", "augment",
-                                           "label_smoothing", "ema", "finetune") if s.get(k) is not None]
+        recipe = [f"{k} {v}" for k, v in rec.recipe().items()]
         out += ["- Recipe: AdamW, " + ", ".join(recipe) + ". The whole configuration is `config.yaml`."]
     elif rec.objective == "knn" and ev is not None:
         out += [f"- No training: each image is classified by its {ev['knn_k']} most similar training images "

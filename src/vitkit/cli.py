@@ -427,8 +427,9 @@ def cmd_benchmark(*, model: str, mode: Optional[list[Literal["train", "infer"]]]
     return 0
 
 
-# What a user can cause: a bad value, a missing or damaged file, a full disk, a diverging run.
-USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, FloatingPointError)
+# What a user can cause: a bad value, a missing or damaged file, a full disk, a diverging run, an
+# optional dependency not installed (peft for LoRA, huggingface_hub for push, pyarrow for Parquet).
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, FloatingPointError, ImportError)
 
 
 def main(argv: list[str] | None = None) -> int:

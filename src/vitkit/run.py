@@ -117,6 +117,16 @@ class RunRecord:
         self.classes = [str(c) for c in self.classes]
 
     @property
+    def pretrained(self) -> str | None:
+        """What the run started from (`--pretrained`), if anything."""
+        return self.settings.get("pretrained")
+
+    def recipe(self) -> dict[str, Any]:
+        """The training settings a model card states (the whole configuration is `settings`)."""
+        keys = ("batch_size", "lr", "weight_decay", "layer_decay", "augment", "label_smoothing", "ema", "finetune")
+        return {k: self.settings[k] for k in keys if self.settings.get(k) is not None}
+
+    @property
     def mode(self) -> str:
         """PIL mode of the model's input images."""
         return "L" if self.in_chans == 1 else "RGB"
@@ -228,6 +238,11 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def front_matter(meta: dict[str, Any]) -> str:
+    """A Markdown file's YAML metadata block (a Hugging Face model card's)."""
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---"
+
+
 def write_eval(run_dir: str | Path, result: dict[str, Any]) -> None:
     """RUN/eval.json: the latest evaluation of the run (top-1, top-5, loss, and what was scored)."""
     atomic_write(Path(run_dir) / EVAL, (json.dumps(result, indent=2) + "\n").encode())
@@ -271,12 +286,11 @@ class Run:
             results += [[(self.classes[j], float(q)) for q, j in zip(pr.tolist(), ix.tolist())] for pr, ix in zip(p, idx)]
         return results
 
-
     def check_classifier(self) -> None:
         """A k-NN run classified by nearest neighbours while it ran; its head was never trained."""
         if self.record.objective == "knn":
             raise ValueError(f"{self.path} is a k-NN evaluation: it has no trained classifier; train one with "
-                             f"`vitkit train --pretrained {self.record.settings.get('pretrained')} --finetune linear`")
+                             f"`vitkit train --pretrained {self.record.pretrained} --finetune linear`")
 
     @torch.no_grad()
     def embed(self, images: list[str | Path | Image.Image], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
