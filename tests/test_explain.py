@@ -107,6 +107,9 @@ FAMILIES = {
     "vit_small_patch14_reg4_dinov2": dict(img_size=56, embed_dim=48, depth=2, num_heads=2, num_classes=5),
     "vit_base_patch16_siglip_224": dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=5),
     "vit_base_patch16_clip_224": dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=5),
+    # rotary position embeddings (queries and keys rotated on the explicit path too)
+    "eva02_tiny_patch14_224": dict(img_size=56, embed_dim=48, depth=2, num_heads=2, num_classes=5),
+    "vit_small_patch16_dinov3": dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=5),
 }
 
 

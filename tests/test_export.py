@@ -36,6 +36,9 @@ FAMILY_MODELS = {
     "siglip": ("vit_base_patch16_siglip_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)),
     "clip": ("vit_base_patch16_clip_quickgelu_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2,
                                                          num_heads=2)),
+    # Rotary position embeddings: EVA-02 B (separate q/k/v, normed SwiGLU), DINOv3 (registers, no table).
+    "eva02": ("eva02_base_patch14_224", dict(img_size=56, embed_dim=48, depth=2, num_heads=2)),
+    "dinov3": ("vit_small_patch16_dinov3", dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)),
 }
 # Largest top-1 change (percentage points) and smallest top-1 agreement (%) allowed for int8 on the
 # digits run below; measured there: 93.61% -> 93.61% (0.00 points), same class on 99.4% of 360 images.
@@ -62,8 +65,9 @@ def _spread_weights(model: nn.Module) -> nn.Module:
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features**0.5)
             elif isinstance(m, nn.Linear) and name.startswith("attn_pool."):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features**0.5)  # SigLIP's pooling head
-            if hasattr(m, "gamma"):  # layer scale: DINOv2 starts at 1e-5, which would hide the blocks
-                m.gamma.copy_(1 + 0.2 * torch.randn(m.gamma.shape, generator=g))
+            for gamma in ("gamma", "gamma_1", "gamma_2"):  # layer scale: DINOv2/v3 start at 1e-5, hiding the blocks
+                if isinstance(getattr(m, gamma, None), nn.Parameter):
+                    getattr(m, gamma).copy_(1 + 0.2 * torch.randn(getattr(m, gamma).shape, generator=g))
     return model
 
 

@@ -91,6 +91,16 @@ def test_unknown_lora_target_names_the_model_layers(lora_runs, tmp_path):
                           out=str(tmp_path / "bad")))
 
 
+def test_lora_qkv_means_the_separate_projections_where_a_model_keeps_them_apart():
+    from vitkit.engine.objectives.lora import add_lora
+
+    model = vitkit.create_model("eva02_base_patch14_224", num_classes=5, img_size=28, embed_dim=48, depth=2,
+                                num_heads=2)
+    assert add_lora(model, 4, 8, 0.0, ["qkv"])["target_modules"] == ["k_proj", "q_proj", "v_proj"]
+    trainable = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}
+    assert trainable == {f"blocks.{i}.attn.{t}" for i in range(2) for t in ("q_proj", "k_proj", "v_proj")}
+
+
 # -- embeddings -------------------------------------------------------------------------------------
 def test_embed_writes_one_row_per_image_in_order(lora_runs, tmp_path, capsys):
     import numpy as np

@@ -61,13 +61,18 @@ def test_deit3_matches_timm_at_its_size_and_another(name):
 
 
 # Today's backbones (timm's names and layouts): DINOv2 with and without registers and its SwiGLU ViT-g,
-# the CLIP towers (pre-norm, QuickGELU), SigLIP (attention pooling, or the average). Full width, two
+# the CLIP towers (pre-norm, QuickGELU), SigLIP (attention pooling, or the average), EVA-02 and DINOv3
+# (rotary position embeddings, timm's `Eva`). Full width, two
 # blocks (the suite's time: 1,370 tokens at DINOv2's 518 px); the default resolution and, through timm's
 # dynamic_img_size, another one on the fly.
 BACKBONES = [("vit_small_patch14_dinov2", dict(depth=2)), ("vit_small_patch14_reg4_dinov2", dict(depth=2)),
              ("vit_giant_patch14_reg4_dinov2", dict(depth=2, img_size=126)),
              ("vit_base_patch16_clip_224", dict(depth=2)), ("vit_base_patch32_clip_quickgelu_224", dict(depth=2)),
-             ("vit_base_patch16_siglip_224", dict(depth=2)), ("vit_base_patch16_siglip_gap_224", dict(depth=2))]
+             ("vit_base_patch16_siglip_224", dict(depth=2)), ("vit_base_patch16_siglip_gap_224", dict(depth=2)),
+             # rotary position embeddings: EVA-02 (packed SwiGLU; B: separate q/k/v, normed SwiGLU), DINOv3
+             ("eva02_tiny_patch14_224", dict(depth=2)), ("eva02_base_patch14_224", dict(depth=2)),
+             ("vit_small_patch16_dinov3", dict(depth=2)), ("vit_small_patch16_dinov3_qkvb", dict(depth=2)),
+             ("vit_small_plus_patch16_dinov3", dict(depth=2))]
 
 
 @pytest.mark.parametrize("name,kw", BACKBONES, ids=[b[0] for b in BACKBONES])

@@ -150,6 +150,20 @@ def test_mae_works_with_every_vit_family_model_at_its_size():
         assert out.pred.shape == out.target.shape == (2, N, enc.patch_embed.reduction[0] ** 2 * cfg.in_chans), name
 
 
+def test_mae_encoder_keeps_each_visible_patchs_rotary_angles():
+    """EVA-02 has RoPE in every block: a kept patch must keep its own angles whatever its slot in the
+    visible sequence. Every patch kept, in a shuffled order per image: the same tokens, shuffled."""
+    enc = create_model("eva02_tiny_patch14_224", num_classes=0, img_size=56, embed_dim=48, depth=2, num_heads=2).eval()
+    x = torch.randn(2, 3, 56, 56)
+    order = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    with torch.no_grad():
+        full = enc.forward_features(x)[:, 1:]
+        shuffled = enc.forward_visible(x, order)[:, 1:]
+    assert torch.allclose(shuffled, full.gather(1, order.unsqueeze(-1).expand(-1, -1, 48)), atol=1e-5)
+    out = MaskedAutoencoder(enc).predict(x)  # and MAE takes it as a backbone
+    assert out.pred.shape == out.target.shape == (2, 16, 14 * 14 * 3)
+
+
 def test_objectives_refuse_the_wrong_backbone():
     with pytest.raises(ValueError, match="ViT-family"):
         MaskedAutoencoder(create_model("beit_pico_patch4_28", num_classes=0))

@@ -35,6 +35,8 @@ FAMILIES = {
     "dinov2": ("vit_small_patch14_reg4_dinov2", dict(img_size=28, embed_dim=48, depth=1, num_heads=2), 28),
     "clip": ("vit_base_patch16_clip_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=2), 32),
     "siglip": ("vit_base_patch16_siglip_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=2), 32),
+    "eva02": ("eva02_tiny_patch14_224", dict(img_size=28, embed_dim=48, depth=1, num_heads=2), 28),
+    "dinov3": ("vit_small_patch16_dinov3", dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=2), 32),
 }
 
 

@@ -1,10 +1,10 @@
-"""Model families (ViT/DeiT, hybrid ViTs, Swin, BEiT, CvT, torchvision CNN teachers), shared layers and the registry.
+"""Model families (ViT/DeiT, hybrid ViTs, Swin, BEiT, CvT, EVA-02 and DINOv3, torchvision CNN teachers), shared layers and the registry.
 
 Imports nothing from data, engine or CLI.
 """
 
 # Importing a family registers its variants.
-from . import beit, cnn, cvt, swin, vit  # noqa: F401
+from . import beit, cnn, cvt, eva, swin, vit  # noqa: F401
 from .contract import AttentionStage, Intermediates, VisionModel, implements
 from .registry import ModelEntry, create_model, get_model_entry, list_models, model_config, register_model
 from .vit import VisionTransformer, ViTConfig

@@ -26,8 +26,9 @@ from torch import nn
 
 from .contract import BlockOutputs, VisionModel
 from .layers.helpers import check_ranges, classifier_head, init_linears, to_2tuple
-from .layers import Attention, Block, Linear, PatchEmbed, linear, resample_abs_pos_embed
-from .layers.block import encoder_blocks
+from .layers import PatchEmbed, resample_abs_pos_embed
+from .layers.attention import QVBiasAttention
+from .layers.block import GammaBlock, encoder_blocks
 from .layers.pos_embed import window_offset_index
 from .registry import INCEPTION_MEAN, INCEPTION_STD, ModelEntry, register_model
 
@@ -189,33 +190,19 @@ class RelativePositionBias(nn.Module):
 
 
 # -- encoder --------------------------------------------------------------------------------------------
-class BeitAttention(Attention):
-    """`layers.Attention` with BEiT's biases: query and value biases, and optionally its own position bias.
-
-    A key bias would add the same amount to all logits of one query, which the softmax cancels, so
-    BEiT leaves it out (timm's `k_bias` is a zero buffer; here it is built on the fly).
-    """
+class BeitAttention(QVBiasAttention):
+    """`layers.QVBiasAttention` (query and value biases) with, optionally, this block's own position bias."""
 
     def __init__(
         self, dim: int, num_heads: int, *, qkv_bias: bool = True, window_size: tuple[int, int] | None = None, **kwargs
     ) -> None:
-        super().__init__(dim, num_heads, qkv_bias=False, **kwargs)
-        self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
-        self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, **kwargs)
         self.window_size = window_size
         self.relative_position_bias_table = None
         if window_size is not None:
             rows = num_relative_positions(window_size)
             self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
             self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
-
-    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q_bias is None:
-            return self.qkv(x)
-        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        if type(self.qkv) is not Linear:  # wrapped (a LoRA adapter): call it, so the wrapper's product counts
-            return self.qkv(x) + bias
-        return linear(x, self.qkv.weight, bias)  # (B, N, 3 * D)
 
     def forward(
         self,
@@ -233,15 +220,11 @@ class BeitAttention(Attention):
         return super().forward(x, attn_bias, need_weights)
 
 
-class BeitBlock(Block):
-    """Pre-norm encoder block with layer scale under timm's BEiT names `gamma_1` and `gamma_2`."""
+class BeitBlock(GammaBlock):
+    """Pre-norm encoder block with layer scale (`gamma_1`, `gamma_2`) and BEiT's attention."""
 
-    def __init__(
-        self, dim: int, num_heads: int, *, init_values: float | None, window_size: tuple[int, int] | None, **kwargs: Any
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, *, window_size: tuple[int, int] | None, **kwargs: Any) -> None:
         super().__init__(dim, num_heads, attn_layer=partial(BeitAttention, window_size=window_size), **kwargs)
-        self.gamma_1 = nn.Parameter(torch.full((dim,), init_values)) if init_values else None
-        self.gamma_2 = nn.Parameter(torch.full((dim,), init_values)) if init_values else None
 
     def forward(
         self,
@@ -251,11 +234,7 @@ class BeitBlock(Block):
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return `(tokens, attention probabilities or None)`; see `Attention.forward`."""
-        y, attn = self.attn(self.norm1(x), shared_rel_pos_bias, need_weights, grid=grid)
-        x = x + self.drop_path1(y if self.gamma_1 is None else self.gamma_1 * y)
-        y = self.mlp(self.norm2(x))
-        x = x + self.drop_path2(y if self.gamma_2 is None else self.gamma_2 * y)
-        return x, attn
+        return super().forward(x, shared_rel_pos_bias, need_weights=need_weights, grid=grid)
 
 
 class Beit(VisionModel):

@@ -58,7 +58,7 @@ class ViTConfig:
     init_values: float | None = None  # layer scale
     pre_norm: bool = False  # CLIP: a LayerNorm on the embedded tokens before the first block
     act_layer: Literal["gelu", "gelu_tanh", "quick_gelu", "silu"] = "gelu"  # quick_gelu: OpenAI's CLIP weights
-    mlp_layer: Literal["mlp", "swiglu_packed"] = "mlp"  # swiglu_packed: DINOv2 ViT-g (hidden counts both halves)
+    mlp_layer: Literal["mlp", "swiglu_packed", "swiglu"] = "mlp"  # swiglu_packed: DINOv2 ViT-g (hidden counts both halves)
     drop_rate: float = 0.0  # before the head
     pos_drop_rate: float = 0.0
     proj_drop_rate: float = 0.0

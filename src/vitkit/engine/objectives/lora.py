@@ -29,12 +29,13 @@ def _peft():
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> dict[str, Any]:
-    """Adapters on the linears whose names end with one of `targets` (`qkv`, `proj`, `fc1`, ...); every other
-    weight frozen but the classifier(s). Returns the adapter's PEFT config (JSON-ready)."""
+    """Adapters on the linears whose names end with one of `targets` (`qkv`, `proj`, `fc1`, ...; `qkv` means
+    `q_proj`, `k_proj`, `v_proj` where a model has those instead); every other weight frozen but the classifier(s). Returns the adapter's PEFT config (JSON-ready)."""
     peft = _peft()
-    found = {t for t in targets for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] == t}
-    if missing := [t for t in targets if t not in found]:
-        names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    if "qkv" in targets and "qkv" not in names and "q_proj" in names:  # EVA-02 B/L keep the three apart
+        targets = [u for t in targets for u in (("q_proj", "k_proj", "v_proj") if t == "qkv" else (t,))]
+    if missing := [t for t in targets if t not in names]:
         raise ValueError(f"--lora_targets {', '.join(missing)}: no linear layer of that name; this model has "
                          f"{', '.join(names)}")
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets))

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import Linear
+from .linear import Linear, linear
+from .rope import Rope, apply_rope
 
 
 def attend(
@@ -64,13 +65,38 @@ class Attention(nn.Module):
         return self.qkv(x)
 
     def forward(
-        self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, need_weights: bool = False
+        self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, need_weights: bool = False, *,
+        rope: Rope | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return `(output, probabilities (B, H, N, N) or None without need_weights)`; `attn_bias` (relative
-        position bias, shifted-window mask) is added to the logits and must broadcast to `(B, H, N, N)`."""
+        position bias, shifted-window mask) is added to the logits and must broadcast to `(B, H, N, N)`;
+        `rope` rotates the queries and keys of the patch tokens (EVA-02, DINOv3)."""
         B, N, D = x.shape
         qkv = self.project_qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, Dh)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         x, attn = attend(q, k, v, self.scale, self.attn_drop, attn_bias, need_weights)
         x = x.transpose(1, 2).reshape(B, N, D)
         return self.proj_drop(self.proj(x)), attn
+
+
+class QVBiasAttention(Attention):
+    """`Attention` with learned query and value biases and no key bias (BEiT, EVA; timm's `q_bias`, `v_bias`).
+
+    A key bias would add the same amount to all logits of one query, which the softmax cancels, so these
+    models leave it out (timm's `k_bias` is a zero buffer; here it is built on the fly).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = True, **kwargs) -> None:
+        super().__init__(dim, num_heads, qkv_bias=False, **kwargs)
+        self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_bias is None:
+            return self.qkv(x)
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        if type(self.qkv) is not Linear:  # wrapped (a LoRA adapter): call it, so the wrapper's product counts
+            return self.qkv(x) + bias
+        return linear(x, self.qkv.weight, bias)  # (B, N, 3 * D)

@@ -46,13 +46,31 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(
-        self, x: torch.Tensor, *args: object, need_weights: bool = False
+        self, x: torch.Tensor, *args: object, need_weights: bool = False, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return `(tokens, attention probabilities or None)`; `args` (`Attention.forward`'s `attn_bias`,
-        a family's grid) go to the attention."""
-        y, attn = self.attn(self.norm1(x), *args, need_weights=need_weights)
+        """Return `(tokens, attention probabilities or None)`; `args` and `kwargs` (`Attention.forward`'s
+        `attn_bias` and `rope`, a family's grid) go to the attention."""
+        y, attn = self.attn(self.norm1(x), *args, need_weights=need_weights, **kwargs)
         x = x + self.drop_path1(self.ls1(y))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, attn
+
+
+class GammaBlock(Block):
+    """`Block` with its layer scales as bare parameters `gamma_1` and `gamma_2`: timm's names in BEiT and EVA."""
+
+    def __init__(self, dim: int, num_heads: int, *, init_values: float | None = None, **kwargs: Any) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        self.gamma_1 = nn.Parameter(torch.full((dim,), init_values)) if init_values else None
+        self.gamma_2 = nn.Parameter(torch.full((dim,), init_values)) if init_values else None
+
+    def forward(
+        self, x: torch.Tensor, *args: object, need_weights: bool = False, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, attn = self.attn(self.norm1(x), *args, need_weights=need_weights, **kwargs)
+        x = x + self.drop_path1(y if self.gamma_1 is None else self.gamma_1 * y)
+        y = self.mlp(self.norm2(x))
+        x = x + self.drop_path2(y if self.gamma_2 is None else self.gamma_2 * y)
         return x, attn
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -83,4 +85,28 @@ class GluMlp(nn.Module):
         return self.drop2(self.fc2(self.norm(self.drop1(self.act(x1) * x2))))
 
 
-MLP_LAYERS: dict[str, type[nn.Module]] = {"mlp": Mlp, "swiglu_packed": GluMlp}
+class SwiGLU(nn.Module):
+    """SwiGLU with separate gate and value projections (timm's `SwiGLU`: `fc1_g`, `fc1_x`), then
+    `fc2(norm(silu(gate) * value))`. EVA-02 B/L normalise the gated features (`norm_layer`, NormFormer's
+    "scale MLP"); `align_to` rounds the hidden width up to a multiple (DINOv3 S+)."""
+
+    def __init__(
+        self, in_features: int, hidden_features: int, *, act_layer: type[nn.Module] = nn.SiLU, drop: float = 0.0,
+        norm_layer: Callable[[int], nn.Module] | None = None, align_to: int = 0,
+    ) -> None:
+        super().__init__()
+        if align_to:
+            hidden_features += -hidden_features % align_to
+        self.fc1_g = Linear(in_features, hidden_features)
+        self.fc1_x = Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.norm = norm_layer(hidden_features) if norm_layer else nn.Identity()
+        self.fc2 = Linear(hidden_features, in_features)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1_g(x)) * self.fc1_x(x)))))
+
+
+MLP_LAYERS: dict[str, type[nn.Module]] = {"mlp": Mlp, "swiglu_packed": GluMlp, "swiglu": SwiGLU}
