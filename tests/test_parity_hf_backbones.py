@@ -1,4 +1,4 @@
-"""transformers' DINOv2, CLIP and SigLIP image towers (random init, saved with `save_pretrained`) load
+"""transformers' DINOv2, DINOv3, CLIP and SigLIP image towers (random init, saved with `save_pretrained`) load
 into vitkit with transformers' outputs, as a user calls it: `create_model(pretrained=DIR)`."""
 
 import pytest
@@ -22,6 +22,11 @@ CASES = {  # key: (class, config class, config, vitkit family)
     "clip_projection": ("CLIPVisionModelWithProjection", "CLIPVisionConfig", dict(TOWER, projection_dim=48), "clip"),
     "siglip": ("SiglipVisionModel", "SiglipVisionConfig", TOWER, "siglip"),
     "siglip_no_head": ("SiglipVisionModel", "SiglipVisionConfig", dict(TOWER, vision_use_head=False), "siglip"),
+    # RoPE on patch centres, 4 registers, LayerScale; and the gated (SwiGLU) MLP of DINOv3 S+/H+
+    "dinov3": ("DINOv3ViTModel", "DINOv3ViTConfig", dict(SMALL, intermediate_size=256, num_register_tokens=4,
+                                                         layerscale_value=0.5), "dinov3"),
+    "dinov3_gated": ("DINOv3ViTModel", "DINOv3ViTConfig", dict(SMALL, intermediate_size=160, use_gated_mlp=True,
+                                                               hidden_act="silu", layerscale_value=0.5), "dinov3"),
 }
 
 
@@ -46,12 +51,12 @@ def test_hf_backbone_matches_transformers(key, tmp_path):
             assert (ours.forward_features(x) - hidden).abs().max().item() <= TOL
         else:
             assert (ours(x) - _pooled(hf, x)).abs().max().item() <= TOL
-        if family == "dinov2":  # every token, registers included, in the same order, after the final norm
+        if family in ("dinov2", "dinov3"):  # every token, registers included, in the same order, after the final norm
             assert (ours.forward_features(x) - hidden).abs().max().item() <= TOL
         # Another, larger resolution: both resample the position table on the fly (bicubic).
         big = torch.randn(1, 3, size + 2 * kw["patch_size"], size + kw["patch_size"])
         if key != "siglip_no_head":
-            extra = {} if family == "dinov2" else dict(interpolate_pos_encoding=True)
+            extra = {} if family in ("dinov2", "dinov3") else dict(interpolate_pos_encoding=True)
             assert (ours(big) - _pooled(hf, big, **extra)).abs().max().item() <= TOL
 
 
