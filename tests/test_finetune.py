@@ -76,6 +76,31 @@ def test_a_lora_run_evaluates_exports_explains_and_serves_like_any_run(lora_runs
     assert predictor.has_attention and maps.shape[0] == 1 and torch.allclose(probs, ref, atol=1e-5)
 
 
+@pytest.mark.slow  # ~25 s: one more LoRA run; exact resume itself is in the default suite (test_kill_resume.py)
+def test_an_interrupted_lora_run_resumes_to_the_uninterrupted_weights(lora_runs, tmp_path, monkeypatch):
+    """Killed after its first epoch's checkpoint, the LoRA run resumes (adapters re-injected, their state
+    restored) to the very weights of the run that was not stopped: merged model and adapter alike."""
+    import vitkit.engine.loop as engine_loop
+
+    src, full = lora_runs
+    real_plot = engine_loop.plot_curves
+
+    def crash(run_dir, rows):
+        real_plot(run_dir, rows)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_loop, "plot_curves", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**FAST, pretrained=str(src), img_size=32, finetune="lora", lora_rank=8,
+                          out=str(tmp_path / "cut")))
+    monkeypatch.setattr(engine_loop, "plot_curves", real_plot)
+    assert len(vrun.read_metrics(tmp_path / "cut")) == 1
+    train(TrainConfig(resume=str(tmp_path / "cut")))
+    for weights in (vrun.WEIGHTS, "adapter_model.safetensors"):
+        a, b = load_file(full / weights), load_file(tmp_path / "cut" / weights)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), weights
+
+
 def test_lora_flags_are_checked():
     with pytest.raises(ValueError, match="finetune='lora' is invalid: must be full without --pretrained"):
         TrainConfig(finetune="lora")
