@@ -177,6 +177,8 @@ def test_knn_run_reports_top1_without_training(lora_runs, tmp_path, capsys):
     assert ev["knn_k"] == 20 and 490 <= ev["bank"] <= 500 and ev["n"] == 360  # the 500-image training subset
     assert ev["acc1"] > 30  # chance: 10%
     assert vrun.read_metrics(run) == []  # no epochs
+    record = vrun.RunRecord.read(run)
+    assert not record.ema and record.settings["ema"] is None and not (run / "model_ema.safetensors").exists()
     a, b = load_file(src / vrun.WEIGHTS), load_file(run / vrun.WEIGHTS)
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("head."))  # the backbone as it came
     assert "k-NN baseline" in (run / "README.md").read_text()

@@ -264,6 +264,8 @@ class TrainConfig(FitConfig):
         if self.finetune == "lora":  # adapters start at zero: a higher lr, and every block alike
             self.lr = 2e-3 if self.lr is None else self.lr
             self.layer_decay = 1.0 if self.layer_decay is None else self.layer_decay
+        if self.finetune == "knn":  # nothing trains, so there is no average of weights: the record says so
+            self.ema = None
         super().__post_init__()
         _check(self, {
             "mixup": (self.mixup is None or self.mixup >= 0, ">= 0"),
