@@ -4,6 +4,7 @@ activation checkpointing, test-time flips, fine-tuning and torchrun."""
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -237,6 +238,18 @@ def test_fine_tuning_a_run_resets_the_head_and_keeps_the_backbone(tmp_path):
     assert rec.settings["lr"] == 5e-4 and rec.settings["layer_decay"] == 0.75
     assert rec.mean == vrun.RunRecord.read(src).mean  # the weights' normalisation
     assert load_run(tmp_path / "ft").model.head.weight.shape == (3, 96)
+
+    # A head of the right size for other classes starts afresh; the same classes keep theirs.
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for i, c in enumerate("xyz"):
+        (folder / f"c{i}").rename(renamed / c)
+    again = dict(**{**FAST, "model": None, "data": str(renamed)}, pretrained=str(tmp_path / "ft"))
+    with pytest.warns(UserWarning, match="classifies c0, c1, c2, ..., not this data's x, y, z, ...: re-initialising"):
+        train(TrainConfig(**again, out=str(tmp_path / "other")))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*re-initialising the classifier")
+        train(TrainConfig(**{**again, "pretrained": str(tmp_path / "other")}, out=str(tmp_path / "same")))
 
 
 def test_pretrained_weights_file_needs_a_model_name(tmp_path):

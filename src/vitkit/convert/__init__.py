@@ -29,7 +29,7 @@ from .hf import read_hf
 from .jax import read_npz
 from .timm import convert_timm, resize_swin_bias_tables, timm_overrides
 
-__all__ = ["Checkpoint", "build_pretrained", "convert", "detect_format", "load_pretrained", "open_source",
+__all__ = ["Checkpoint", "build_pretrained", "convert", "detect_format", "load_pretrained", "open_pretrained", "open_source",
            "read_checkpoint", "resolve_source"]
 
 FORMATS = ("vitkit-run", "safetensors", "torch", "hf", "jax-npz")
@@ -125,6 +125,12 @@ def build_pretrained(src: str | Path, name: str | None = None, **overrides: Any)
     """
     model, _, _ = _build(src, name, overrides)
     return model
+
+
+def open_pretrained(src: str | Path, name: str | None = None, **overrides: Any) -> tuple[nn.Module, Checkpoint]:
+    """`build_pretrained`, with the checkpoint it read (its class names, statistics) beside the model."""
+    model, ckpt, _ = _build(src, name, overrides)
+    return model, ckpt
 
 
 def convert(src: str | Path, out_dir: str | Path, *, model: str | None = None, num_classes: int | None = None,

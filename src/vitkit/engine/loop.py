@@ -20,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from ..card import describe_hardware, write_card
-from ..convert import HUB_ID, read_checkpoint, resolve_source
+from ..convert import HUB_ID, open_pretrained, read_checkpoint, resolve_source
 from ..data import TensorSplit, load_data, make_loader, resolve_augment, subset_split
 from ..data.datasets import load_unlabeled
 from ..models import create_model, get_model_entry, model_config
@@ -315,7 +315,13 @@ def _build_model(cfg: FitConfig, kind: type[Objective], data) -> tuple[nn.Module
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     if not cfg.pretrained:
         return create_model(cfg.model, **model_args, **kind.build_args), img_size, model_args
-    model = create_model(cfg.model, pretrained=cfg.pretrained, **model_args)
+    model, ckpt = open_pretrained(cfg.pretrained, cfg.model, **model_args)
+    if kind.classifier and ckpt.classes and ckpt.classes != data.classes and len(ckpt.classes) == num_classes:
+        # A head of the right size for other classes (Fashion-MNIST's ten for the ten digits) would start the
+        # new task from the old one's answers: a fresh classifier, as for a different number of classes.
+        warnings.warn(f"--pretrained {cfg.pretrained} classifies {', '.join(ckpt.classes[:3])}, ..., not this data's "
+                      f"{', '.join(data.classes[:3])}, ...: re-initialising the classifier")
+        model.reset_classifier(num_classes)
     if kind.build_args:  # what the objective adds to the backbone (BEiT's [MASK] embedding) starts fresh
         loaded, model = model, create_model(cfg.model, **model_args, **kind.build_args)
         model.load_state_dict(loaded.state_dict(), strict=False)  # `loaded` is the same model less those parameters
