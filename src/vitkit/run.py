@@ -25,7 +25,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
@@ -271,6 +271,13 @@ class Run:
     def preprocess(self, images: list[str | Path | Image.Image]) -> torch.Tensor:
         return self.record.preprocess(images)
 
+    def _batches(self, images: list, batch_size: int, progress: str | None = None) -> Iterator[torch.Tensor]:
+        """`images` preprocessed, `batch_size` at a time, on the run's device; a progress bar named `progress`."""
+        from tqdm import tqdm
+
+        for i in tqdm(range(0, len(images), batch_size), desc=progress, unit="batch", disable=progress is None):
+            yield self.preprocess(images[i : i + batch_size]).to(self.device)
+
     @torch.no_grad()
     def predict(self, images: list[str | Path | Image.Image], topk: int = 5, batch_size: int = 64) -> list[list[tuple[str, float]]]:
         """Top-k `(class name, probability)` pairs for each image (paths or PIL images)."""
@@ -280,8 +287,7 @@ class Run:
         self.check_classifier()
         k = min(topk, len(self.classes))
         results = []
-        for i in range(0, len(images), batch_size):
-            x = self.preprocess(images[i : i + batch_size]).to(self.device)
+        for x in self._batches(images, batch_size):
             p, idx = self.model(x).float().softmax(dim=-1).topk(k, dim=-1)
             results += [[(self.classes[j], float(q)) for q, j in zip(pr.tolist(), ix.tolist())] for pr, ix in zip(p, idx)]
         return results
@@ -296,11 +302,8 @@ class Run:
     def embed(self, images: list[str | Path | Image.Image], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
         """One feature vector per image, `(N, num_features)` float32: the pooled features the classifier
         reads (`forward_head(..., pre_logits=True)`), in the order of `images`."""
-        from tqdm import tqdm
-
         out = []
-        for i in tqdm(range(0, len(images), batch_size), desc="embedding", unit="batch", disable=not progress):
-            x = self.preprocess(images[i : i + batch_size]).to(self.device)
+        for x in self._batches(images, batch_size, "embedding" if progress else None):
             out.append(self.model.forward_head(self.model.forward_features(x), pre_logits=True).float().cpu())
         return torch.cat(out)
 
