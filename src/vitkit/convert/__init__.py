@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from ..card import write_card
-from ..run import CONFIG, WEIGHTS, Run, RunRecord, load_run, save_weights
+from ..run import CONFIG, WEIGHTS, Run, RunRecord, load_run, resolve_device, save_weights
 from ..models import create_model, get_model_entry, model_config, read_state_dict
 from ..models.weights import WEIGHTS_NAME, load_state
 from .common import Checkpoint, closest_variant, square
@@ -145,7 +144,16 @@ def convert(src: str | Path, out_dir: str | Path, *, model: str | None = None, n
     if (out / CONFIG).exists():
         raise FileExistsError(f"{out} already holds a run; choose another output directory")
     given = {k: v for k, v in (("num_classes", num_classes), ("img_size", img_size)) if v is not None}
-    net, ckpt, path = _build(src, model, given)
+    net, record = _converted(src, model, given)
+    save_weights(out / WEIGHTS, net.state_dict(), {"model": record.model, "source": str(src)})
+    record.write(out)
+    write_card(out)
+    return out
+
+
+def _converted(src: str | Path, model: str | None, given: dict[str, Any]) -> tuple[nn.Module, RunRecord]:
+    """The model a checkpoint holds and the record `convert` writes for it."""
+    net, ckpt, _ = _build(src, model, given)
     entry = get_model_entry(ckpt.name)
     args = {**_adopted(ckpt, model, given), **given}  # what the model was built with
     source_classes = ckpt.overrides.get("num_classes", entry.config.num_classes)
@@ -153,14 +161,13 @@ def convert(src: str | Path, out_dir: str | Path, *, model: str | None = None, n
     size = (cfg.img_size, cfg.img_size) if isinstance(cfg.img_size, int) else tuple(cfg.img_size)
     # The source's label names (Hugging Face `id2label`, timm `label_names`), unless the head is new.
     classes = ckpt.classes if ckpt.classes and n == source_classes else [str(i) for i in range(n)]
-    save_weights(out / WEIGHTS, net.state_dict(), {"model": ckpt.name, "source": str(src)})
     # Nothing was trained here: the record names no data set, so `vitkit eval` needs --data.
-    RunRecord(model=ckpt.name, model_args={**args, "num_classes": n, "in_chans": cfg.in_chans, "img_size": list(size)},
-              img_size=size, in_chans=cfg.in_chans, mean=_per_channel(ckpt.mean or entry.mean, cfg.in_chans),
-              std=_per_channel(ckpt.std or entry.std, cfg.in_chans), classes=classes, objective="converted",
-              source=str(src)).write(out)
-    write_card(out)
-    return out
+    record = RunRecord(model=ckpt.name, model_args={**args, "num_classes": n, "in_chans": cfg.in_chans,
+                                                    "img_size": list(size)},
+                       img_size=size, in_chans=cfg.in_chans, mean=_per_channel(ckpt.mean or entry.mean, cfg.in_chans),
+                       std=_per_channel(ckpt.std or entry.std, cfg.in_chans), classes=classes, objective="converted",
+                       source=str(src))
+    return net, record
 
 
 def open_source(src: str | Path, model: str | None = None, device: str = "cpu") -> Run:
@@ -168,8 +175,9 @@ def open_source(src: str | Path, model: str | None = None, device: str = "cpu") 
     directory, a timm file with `model`), as a `Run` in memory, with the preprocessing it states."""
     if Path(src).is_dir() and (Path(src) / CONFIG).exists() and model is None:
         return load_run(src, device)
-    with tempfile.TemporaryDirectory() as tmp:  # the record `convert` writes, and the weights, read back
-        return load_run(convert(src, Path(tmp) / "run", model=model), device)
+    net, record = _converted(src, model, {})  # in memory: what `convert` would write, without the round trip
+    dev = resolve_device(device)
+    return Run(Path(src), net.to(dev).eval(), record, dev)
 
 
 def _read_run(path: Path, name: str | None) -> Checkpoint:
