@@ -119,6 +119,10 @@ def test_fashion_mnist_loads_offline_from_the_debian_package():
 def test_a_folder_of_idx_files_is_a_data_set(tmp_path, gz):
     d = load_data(str(_idx_folder(tmp_path / "mine", gz=gz)))
     assert (len(d.train), len(d.val)) == (30, 10) and d.classes == [str(i) for i in range(10)] and not d.hflip
+    from vitkit.data.datasets import load_unlabeled  # pre-training reads it too (its images, not files)
+
+    u = load_unlabeled(str(tmp_path / "mine"))
+    assert torch.equal(u.train.images, d.train.images)
 
 
 def test_named_idx_sets_are_looked_for_in_vitkit_data_first(tmp_path, monkeypatch):

@@ -265,6 +265,8 @@ def test_ema_weights_are_saved_and_used_by_load_run(tmp_path):
     assert not torch.equal(ema["head.weight"], raw["head.weight"])
     assert torch.equal(load_run(run_dir).model.head.weight, ema["head.weight"])
     assert torch.equal(load_run(run_dir, weights="raw").model.head.weight, raw["head.weight"])
+    # --pretrained RUN (and convert) start from the weights the run evaluated: its EMA.
+    assert torch.equal(vitkit.create_model(pretrained=str(run_dir)).head.weight, ema["head.weight"])
 
 
 # -- torchrun -------------------------------------------------------------------------------------
@@ -322,5 +324,6 @@ def test_train_subset_is_stratified_and_seeded():
     assert len(part) == 1000 and torch.bincount(part.labels).tolist() == [100] * 10
     assert torch.equal(subset_split(d.train, 0.25, seed=0).labels, part.labels)  # 0.25 of 4,000 = 1,000
     assert not torch.equal(subset_split(d.train, 1000, seed=1).images, part.images)
+    assert len(subset_split(d.train, 1.0, seed=0)) == 4000  # 1 is the whole split, not one image
     with pytest.raises(ValueError, match="asks for 5000 of 4000"):
         subset_split(d.train, 5000, seed=0)

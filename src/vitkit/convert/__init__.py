@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from ..card import write_card
-from ..run import CONFIG, WEIGHTS, Run, RunRecord, load_run, resolve_device, save_weights
+from ..run import CONFIG, EMA_WEIGHTS, WEIGHTS, Run, RunRecord, load_run, resolve_device, save_weights
 from ..models import create_model, get_model_entry, model_config, read_state_dict
 from ..models.weights import WEIGHTS_NAME, load_state
 from .common import Checkpoint, closest_variant, square
@@ -181,7 +181,8 @@ def open_source(src: str | Path, model: str | None = None, device: str = "cpu") 
 
 
 def _read_run(path: Path, name: str | None) -> Checkpoint:
-    state = read_state_dict(path)
+    # The weights the run evaluated and `load_run` uses: the EMA where the run kept one.
+    state = read_state_dict(path / EMA_WEIGHTS if (path / EMA_WEIGHTS).exists() else path)
     rec = RunRecord.read(path)
     # YAML has no tuples; the registry's tuple-typed fields (Swin depths, ...) need them back.
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in rec.model_args.items()}

@@ -205,12 +205,14 @@ def _split_per_class(labels: list[int], val_fraction: float, seed: int) -> tuple
 
 
 def subset_split(split: TensorSplit | FolderSplit, size: float, seed: int) -> TensorSplit | FolderSplit:
-    """A seeded, stratified part of a split: `size` < 1 is a fraction, >= 1 a number of images
-    (low-label experiments: e.g. 10% of the labels, or 1,000 training images)."""
+    """A seeded, stratified part of a split: `size` <= 1 is a fraction (1: the whole split), > 1 a number of
+    images (low-label experiments: e.g. 10% of the labels, or 1,000 training images)."""
     n = len(split)
-    k = round(size * n) if size < 1 else int(size)
+    k = round(size * n) if size <= 1 else int(size)
     if not 0 < k <= n:
         raise ValueError(f"train_subset={size} asks for {k} of {n} training images")
+    if k == n:
+        return split
     labels = split.labels.tolist() if isinstance(split, TensorSplit) else list(split.labels)
     _, keep = _split_per_class(labels, k / n, seed)
     if isinstance(split, TensorSplit):
@@ -278,7 +280,8 @@ def load_unlabeled(source: str, *, seed: int = 0, val_fraction: float = 0.05, st
     `ROOT/val` as the splits, else a seeded `val_fraction` held out (none of a single image). Every
     label is 0 and `classes` is empty."""
     path = Path(source).expanduser()
-    if source in BUILTIN or source.lower() in TORCHVISION or not path.is_dir():
+    idx = path.is_dir() and idx_files(path, IDX_SETS.get(path.name, ("", "", "", ""))[2])  # a folder of IDX files
+    if source in BUILTIN or source.lower() in TORCHVISION or not path.is_dir() or idx:
         return load_data(source, seed=seed, val_fraction=val_fraction, strict=strict)
     skipped: list[tuple[str, str]] = []
     if (path / "train").is_dir() and (path / "val").is_dir():

@@ -39,7 +39,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     body = raw[4 + 4 * ndim :]
     if len(body) != int(np.prod(shape)) * dtype.itemsize:
         raise ValueError(f"{path} is truncated: its header says {shape}, it holds {len(body)} bytes")
-    return np.frombuffer(body, dtype=dtype).reshape(shape)
+    return np.frombuffer(body, dtype=dtype).reshape(shape).copy()  # writable, so torch can share it
 
 
 def idx_files(folder: Path, prefix: str = "") -> dict[str, Path] | None:

@@ -249,7 +249,7 @@ class TrainConfig(FitConfig):
     """Test-time augmentation, on by default when training flips or translates: average the logits over mirrors
     and one-pixel shifts; epochs score the mirrors only, the final evaluation (eval.json) every view."""
     train_subset: float | None = None
-    """Train on a stratified, seeded part of the training split: a fraction (< 1) or a count (>= 1) of images."""
+    """Train on a stratified, seeded part of the training split: a fraction (<= 1; 1 is all) or a count (> 1) of images."""
     distill: DistillConfig = field(default_factory=DistillConfig)
     """DeiT distillation, on with a teacher; short flags: --teacher, --teacher-weights, --distill (the kind), --alpha, --tau."""
 
@@ -278,7 +278,7 @@ class TrainConfig(FitConfig):
             "knn_k": (self.knn_k >= 1, ">= 1"), "knn_temperature": (self.knn_temperature > 0, "> 0"),
             "time_budget": (self.finetune != "knn" or self.time_budget is None, "null with --finetune knn (nothing trains)"),
             "label_smoothing": (0 <= self.label_smoothing < 1, "in [0, 1)"),
-            "train_subset": (self.train_subset is None or self.train_subset > 0, "> 0 (a fraction < 1 or a count)"),
+            "train_subset": (self.train_subset is None or self.train_subset > 0, "> 0 (a fraction <= 1 or a count)"),
         })
 
 
