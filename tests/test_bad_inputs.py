@@ -67,6 +67,23 @@ def test_damaged_image_is_skipped_and_listed_or_strict_error(tmp_path, name):
         load_data(str(root), strict=True)
 
 
+def test_data_check_decodes_every_image_and_lists_what_training_would_skip(tmp_path, capsys):
+    from vitkit.cli import main
+
+    root = _good_folder(tmp_path / "data", classes=("a", "b", "c"), n=3)
+    assert main(["data", "check", str(root)]) == 0
+    assert "9 usable images" in capsys.readouterr().out
+    (root / "a" / "broken.png").write_bytes(DAMAGED["truncated.png"])
+    for f in (root / "c").iterdir():
+        f.unlink()
+    assert main(["data", "check", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "6 usable images" in out and "2 classes: a 3, b 3" in out and "modes: RGB 6" in out
+    assert "broken.png: cannot read image" not in out and "broken.png: " in out  # PIL's reason, as training lists it
+    assert f"{root / 'c'}: class folder without usable images" in out
+    assert main(["data", "check", str(tmp_path / "missing")]) == 2
+
+
 def test_decompression_bomb_is_skipped(tmp_path, monkeypatch):
     root = _good_folder(tmp_path / "data")
     Image.new("L", (400, 400)).save(root / "b" / "huge.png")

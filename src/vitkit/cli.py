@@ -70,6 +70,7 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("convert", _command(cmd_convert), help="convert pretrained weights to a vitkit run")
     sub.add_subcommand("export", _command(cmd_export), help="export a run for use outside vitkit")
     sub.add_subcommand("serve", _command(cmd_serve), help="serve predictions and a web page")
+    sub.add_subcommand("data", _command(cmd_data), help="check an image folder: decode every file, count classes")
     sub.add_subcommand("benchmark", _command(cmd_benchmark, repeat=("mode", "precision")),
                        help="measure training and inference speed")
     return parser
@@ -293,6 +294,30 @@ def cmd_push(run_dir: str, *, repo_id: str, private: bool = False, dry_run: bool
     return 0
 
 
+def cmd_data(action: Literal["check"], root: str) -> int:
+    """Check an image folder before training on it: decode every image once (as training will), with a
+    progress bar, then list the classes and their image counts, the images' modes and every damaged
+    file or empty class folder training would skip. Exit status 1 when there are any.
+
+    Args:
+        action: what to do with the folder: check.
+        root: ROOT/CLASS/*.png, or ROOT/train/CLASS/... and ROOT/val/CLASS/....
+    """
+    from .data import check_folder
+
+    report = check_folder(root, progress=sys.stderr.isatty())
+    print(f"{report.images:,} usable images under {report.root}")
+    for split, classes in report.counts.items():
+        where = "" if split == "all" else f"{split}: "
+        print(f"  {where}{len(classes)} classes: " + ", ".join(f"{c} {n:,}" for c, n in classes.items()))
+    print("  modes: " + ", ".join(f"{m} {n:,}" for m, n in sorted(report.modes.items())))
+    if report.skipped:
+        print(f"{len(report.skipped)} damaged files or empty class folders, which training skips (--strict: an error):")
+        for path, why in report.skipped:
+            print(f"  {path}: {why}")
+    return 1 if report.skipped else 0
+
+
 def cmd_models(pattern: Optional[str] = None) -> int:
     """The registry: name, family, parameters, GFLOPs and default image size.
 
@@ -448,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vitkit: error: {msg} (see vitkit --help)", file=sys.stderr)
         return 2
     commands = {"train": cmd_train, "pretrain": cmd_pretrain, "eval": cmd_eval, "predict": cmd_predict, "embed": cmd_embed,
-                "push": cmd_push, "models": cmd_models,
+                "push": cmd_push, "models": cmd_models, "data": cmd_data,
                 "convert": cmd_convert, "explain": cmd_explain, "export": cmd_export, "serve": cmd_serve, "benchmark": cmd_benchmark}
     args = ns[ns.command]
     try:

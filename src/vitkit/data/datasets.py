@@ -147,10 +147,17 @@ def _torchvision(name: str) -> DataBundle:
     return _tensor_bundle(name, *splits, ds.classes, hflip=name.startswith("cifar"))  # the same classes in both
 
 
-def _usable_images(folder: Path, strict: bool, skipped: list) -> tuple[list[Path], list[str]]:
-    """The images under `folder` that decode, and their modes; the others are added to `skipped`."""
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+
+
+def _usable_images(folder: Path, strict: bool, skipped: list, bar=None) -> tuple[list[Path], list[str]]:
+    """The images under `folder` that decode, and their modes; the others are added to `skipped`. `bar`: a
+    progress bar to advance per file."""
     files, modes = [], []
-    for p in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()):
+    for p in _image_files(folder):
+        if bar is not None:
+            bar.update()
         try:
             modes.append(check_image(p))
             files.append(p)
@@ -182,6 +189,50 @@ def _scan_classes(root: Path, *, strict: bool = False,
         labels += [len(classes)] * len(good)
         classes.append(name)
     return classes, files, labels, modes
+
+
+@dataclass
+class FolderCheck:
+    """What `check_folder` found: per split (`train`/`val`, or `all`) the usable images of each class, the
+    images' PIL modes, and the damaged files and empty class folders (path, reason)."""
+
+    root: Path
+    counts: dict[str, dict[str, int]]
+    modes: dict[str, int]
+    skipped: list[tuple[str, str]]
+
+    @property
+    def images(self) -> int:
+        return sum(n for split in self.counts.values() for n in split.values())
+
+
+def check_folder(root: str | Path, *, progress: bool = False) -> FolderCheck:
+    """Decode every image of a class-folder data set (`ROOT/CLASS/*`, or `ROOT/train` and `ROOT/val`) once, as
+    training would, and report what it holds and what it would skip (`vitkit data check`)."""
+    from tqdm import tqdm
+
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such folder: {root}")
+    layout = [("train", root / "train"), ("val", root / "val")]
+    if not all(d.is_dir() for _, d in layout):
+        layout = [("all", root)]
+    total = sum(len(_image_files(d)) for _, d in layout)
+    counts: dict[str, dict[str, int]] = {}
+    modes: dict[str, int] = {}
+    skipped: list[tuple[str, str]] = []
+    with tqdm(total=total, desc="checking", unit="img", disable=not progress) as bar:
+        for split, folder in layout:
+            counts[split] = {}
+            for name in sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
+                files, file_modes = _usable_images(folder / name, False, skipped, bar)
+                if not files:
+                    skipped.append((str(folder / name), "class folder without usable images"))
+                    continue
+                counts[split][name] = len(files)
+                for m in file_modes:
+                    modes[m] = modes.get(m, 0) + 1
+    return FolderCheck(root, counts, modes, skipped)
 
 
 def _val_count(n: int, val_fraction: float) -> int:
