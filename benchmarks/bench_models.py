@@ -29,8 +29,11 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import vitkit
+from vitkit.models import get_model_entry
 
 MODELS = ["vit_pico_patch4_28", "vit_tiny_patch16_224", "vit_small_patch16_224", "deit_small_distilled_patch16_224"]
+# Rotary position embeddings (timm's Eva): on request, --models eva02_tiny_patch14_224 vit_small_patch16_dinov3.
+ROPE_MODELS = ["eva02_tiny_patch14_224", "vit_small_patch16_dinov3"]
 
 
 @dataclass
@@ -47,14 +50,16 @@ class Row:
 
 def build_pair(name: str) -> tuple[nn.Module, nn.Module]:
     """The vitkit model and its timm peer, with identical weights where the layouts match."""
-    ours = vitkit.create_model(name)
+    # Headless backbones (EVA-02 at 224, DINOv3) get an ImageNet-sized head on both sides, to train.
+    head = {"num_classes": 1000} if get_model_entry(name).config.num_classes == 0 else {}
+    ours = vitkit.create_model(name, **head)
     if name == "vit_pico_patch4_28":
         # No timm twin: the closest timm configuration. Its sin-cos position embedding is a fixed
         # buffer in vitkit, and timm has no such option, so timm runs without one (a single add).
         peer = VisionTransformer(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=4,
                                  num_heads=4, mlp_ratio=2, global_pool="avg", class_token=False, pos_embed="none")
     else:
-        peer = timm.create_model(name)
+        peer = timm.create_model(name, **head)
         # Same weights, so both do the same arithmetic (value-dependent costs such as denormals match).
         ours.load_state_dict(peer.state_dict())
     return ours, peer
@@ -186,8 +191,8 @@ def format_row(r: Row) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", choices=MODELS, default=MODELS, metavar="NAME",
-                   help=f"subset of: {', '.join(MODELS)}")
+    p.add_argument("--models", nargs="+", choices=MODELS + ROPE_MODELS, default=MODELS, metavar="NAME",
+                   help=f"subset of: {', '.join(MODELS + ROPE_MODELS)} (default: the first {len(MODELS)})")
     p.add_argument("--rounds", type=int, default=5,
                    help="interleaved timing rounds per side, at most 3 for slow steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per side before timing")
