@@ -25,18 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .contract import BlockOutputs, VisionModel
-from .layers.helpers import check_ranges, classifier_head, init_linears, to_2tuple
+from .layers.helpers import check_ranges, classifier_head, init_linears, init_small_head, to_2tuple
 from .layers import PatchEmbed, resample_abs_pos_embed
 from .layers.attention import QVBiasAttention
-from .layers.block import GammaBlock, encoder_blocks
+from .layers.block import GammaBlock, encoder_blocks, rescale_residual_outputs
 from .layers.pos_embed import window_offset_index
 from .registry import INCEPTION_MEAN, INCEPTION_STD, ModelEntry, register_model
 
 # Pairs involving the class token have no spatial offset; BEiT gives them three extra table rows:
 # class-to-patch, patch-to-class and class-to-class.
 NUM_CLS_ENTRIES = 3
-# BEiT fine-tuning starts from a near-zero classifier ("init_scale" 0.001 in the BEiT code and timm).
-HEAD_INIT_SCALE = 0.001
 
 
 @dataclass(frozen=True)
@@ -275,19 +273,8 @@ class Beit(VisionModel):
         for tok in (self.cls_token, self.mask_token, self.pos_embed):
             if tok is not None:
                 nn.init.trunc_normal_(tok, std=0.02)
-        # BEiT's "fix_init_weight": shrink the output projection of each residual branch of block l
-        # by sqrt(2 l) so the residual stream does not grow with depth.
-        with torch.no_grad():
-            for layer, blk in enumerate(self.blocks, start=1):
-                blk.attn.proj.weight.div_(math.sqrt(2.0 * layer))
-                blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
-        self._init_head()
-
-    def _init_head(self) -> None:
-        init_linears(self.head)
-        if isinstance(self.head, nn.Linear):
-            with torch.no_grad():
-                self.head.weight.mul_(HEAD_INIT_SCALE)
+        rescale_residual_outputs(self.blocks)
+        init_small_head(self.head)
 
     def _resize_position_tables_hook(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         for name, param in self.named_parameters():
@@ -309,7 +296,7 @@ class Beit(VisionModel):
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.head = classifier_head(self.num_features, num_classes).to(self.cls_token)
-        self._init_head()
+        init_small_head(self.head)
 
     def _embed(
         self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None

@@ -15,7 +15,6 @@ Module and parameter names follow timm's `Eva`, so its state dicts load unchange
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -26,14 +25,14 @@ from torch import nn
 from .contract import BlockOutputs, VisionModel
 from .layers import Linear, PatchEmbed, resample_abs_pos_embed
 from .layers.attention import QVBiasAttention
-from .layers.block import GammaBlock, encoder_blocks
-from .layers.helpers import check_ranges, classifier_head, init_linears, to_2tuple
+from .layers.block import GammaBlock, encoder_blocks, rescale_residual_outputs
+from .layers.helpers import check_ranges, classifier_head, init_linears, init_small_head, to_2tuple
 from .layers.mlp import GluMlp, Mlp, SwiGLU
+from .layers.pos_embed import resample_loaded_pos_embed
 from .layers.rope import Rope, RopeKind, RotaryEmbedding2d
 from .registry import ModelEntry, register_model
 
 _CLIP_STATS = dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
-HEAD_INIT_SCALE = 0.001  # EVA's fine-tuning starts from a near-zero classifier, as BEiT's
 
 
 @dataclass(frozen=True)
@@ -147,25 +146,12 @@ class Eva(VisionModel):
         for tok in (self.cls_token, self.reg_token, self.pos_embed):
             if tok is not None:
                 nn.init.trunc_normal_(tok, std=0.02)
-        with torch.no_grad():
-            for layer, blk in enumerate(self.blocks, start=1):
-                blk.attn.proj.weight.div_(math.sqrt(2.0 * layer))
-                blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
-        self._init_head()
-
-    def _init_head(self) -> None:
-        if isinstance(self.head, nn.Linear):
-            init_linears(self.head)
-            with torch.no_grad():
-                self.head.weight.mul_(HEAD_INIT_SCALE)
+        rescale_residual_outputs(self.blocks)
+        init_small_head(self.head)  # EVA's fine-tuning starts from a near-zero classifier, as BEiT's
 
     def _resample_pos_embed_hook(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
-        key = prefix + "pos_embed"
-        if self.pos_embed is not None and key in state_dict:
-            pe = state_dict[key]
-            if pe.shape != self.pos_embed.shape and pe.shape[-1] == self.pos_embed.shape[-1]:
-                state_dict[key] = resample_abs_pos_embed(pe, self.grid, num_prefix_tokens=self.num_prefix_tokens,
-                                                         antialias=self.cfg.pos_embed_antialias)
+        resample_loaded_pos_embed(state_dict, prefix + "pos_embed", self.pos_embed, self.grid, self.num_prefix_tokens,
+                                  self.cfg.pos_embed_antialias)
 
     # -- the model contract ---------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
@@ -178,7 +164,7 @@ class Eva(VisionModel):
                 raise ValueError(f"global_pool {global_pool!r}: use 'avg', or 'token' with a class token")
             self.global_pool = global_pool
         self.head = classifier_head(self.num_features, num_classes).to(self.patch_embed.proj.weight)
-        self._init_head()
+        init_small_head(self.head)
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], Rope]:
         x, grid = self.patch_embed(x)  # (B, N, D)

@@ -24,6 +24,7 @@ from .contract import BlockOutputs, VisionModel
 from .layers.attention_pool import AttentionPoolLatent
 from .layers.helpers import check_ranges, classifier_head, init_linears, to_2tuple
 from .layers import ConvStem, PatchEmbed, resample_abs_pos_embed, sincos_2d_pos_embed
+from .layers.pos_embed import resample_loaded_pos_embed
 from .layers.block import encoder_blocks
 from .layers.mlp import ACTIVATIONS, MLP_LAYERS
 from .layers.patch_embed import HybridEmbed
@@ -161,12 +162,8 @@ class VisionTransformer(VisionModel):
         init_linears(self)
 
     def _resample_pos_embed_hook(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
-        key = prefix + "pos_embed"
-        if isinstance(self.pos_embed, nn.Parameter) and key in state_dict:
-            pe = state_dict[key]
-            if pe.shape != self.pos_embed.shape and pe.shape[-1] == self.pos_embed.shape[-1]:
-                state_dict[key] = resample_abs_pos_embed(pe, self.grid, num_prefix_tokens=self.num_pos_prefix,
-                                                         antialias=self.cfg.pos_embed_antialias)
+        resample_loaded_pos_embed(state_dict, prefix + "pos_embed", self.pos_embed, self.grid, self.num_pos_prefix,
+                                  self.cfg.pos_embed_antialias)
 
     # -- the model contract ---------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -72,6 +73,15 @@ class GammaBlock(Block):
         y = self.mlp(self.norm2(x))
         x = x + self.drop_path2(y if self.gamma_2 is None else self.gamma_2 * y)
         return x, attn
+
+
+def rescale_residual_outputs(blocks: nn.ModuleList) -> None:
+    """BEiT's "fix_init_weight" (also EVA's): divide the output projection of each residual branch of block l
+    (`attn.proj`, `mlp.fc2`) by sqrt(2 l), so the residual stream does not grow with depth at initialisation."""
+    with torch.no_grad():
+        for layer, blk in enumerate(blocks, start=1):
+            blk.attn.proj.weight.div_(math.sqrt(2.0 * layer))
+            blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
 
 
 def encoder_blocks(cfg: Any, block: Callable[..., nn.Module] = Block, **kwargs: Any) -> nn.ModuleList:

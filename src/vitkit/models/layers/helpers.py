@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -36,6 +37,15 @@ def init_linears(module: nn.Module) -> None:
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def init_small_head(head: nn.Module, scale: float = 0.001) -> None:
+    """timm's linear init of a classifier, then its weight times `scale`: BEiT and EVA fine-tune from a
+    near-zero classifier ("init_scale" 0.001 in their code and timm). An identity head is left as it is."""
+    if isinstance(head, nn.Linear):
+        init_linears(head)
+        with torch.no_grad():
+            head.weight.mul_(scale)
 
 
 def check_ranges(cfg: Any, positive: tuple[str, ...] = (), nonnegative: tuple[str, ...] = (),

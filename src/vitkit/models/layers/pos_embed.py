@@ -64,3 +64,15 @@ def window_offset_index(window: tuple[int, int]) -> torch.Tensor:
     coords = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")).flatten(1)  # (2, N)
     rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N): query position minus key position
     return (rel[0] + H - 1) * (2 * W - 1) + (rel[1] + W - 1)
+
+
+def resample_loaded_pos_embed(state_dict: dict, key: str, pos_embed: torch.Tensor | None, grid: tuple[int, int],
+                              num_prefix_tokens: int, antialias: bool = True) -> None:
+    """In a state dict about to be loaded (a load pre-hook): a learned table `key` made for another grid is
+    resampled to `grid`, so a checkpoint trained at another resolution loads directly. A fixed (buffer) or
+    absent table, a missing key or another width is left for the load to judge."""
+    if not isinstance(pos_embed, torch.nn.Parameter) or key not in state_dict:
+        return
+    pe = state_dict[key]
+    if pe.shape != pos_embed.shape and pe.shape[-1] == pos_embed.shape[-1]:
+        state_dict[key] = resample_abs_pos_embed(pe, grid, num_prefix_tokens=num_prefix_tokens, antialias=antialias)
