@@ -31,3 +31,20 @@ def perturb(model: torch.nn.Module, scale: float = 0.02) -> torch.nn.Module:
             elif name.endswith("running_mean"):
                 b.add_(torch.randn_like(b) * 0.1)
     return model.eval()
+
+
+def train_interrupted_after_first_epoch(monkeypatch, cfg) -> None:
+    """`train(cfg)`, stopped (KeyboardInterrupt) right after its first epoch's checkpoint is on disk: what a
+    resume test resumes. Shared by the resume tests: `from conftest import train_interrupted_after_first_epoch`."""
+    import vitkit.engine.loop as engine_loop
+
+    real_plot = engine_loop.plot_curves
+
+    def crash(run_dir, rows):
+        real_plot(run_dir, rows)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(engine_loop, "plot_curves", crash)
+        with pytest.raises(KeyboardInterrupt):
+            vitkit.train(cfg)

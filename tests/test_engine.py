@@ -8,7 +8,6 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import vitkit
-import vitkit.engine.loop as engine_loop
 import vitkit.run as vrun
 from vitkit.engine import TrainConfig, param_groups, train, warmup_cosine
 from vitkit.run import load_run
@@ -70,17 +69,10 @@ def test_train_writes_run_dir_and_reloads_identically(tmp_path):
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch):
     full = train(TrainConfig(**{**FAST, "epochs": 3}, out=str(tmp_path / "full")))
 
+    from conftest import train_interrupted_after_first_epoch
+
     # Interrupt the second run right after its first checkpoint is on disk.
-    real_plot = engine_loop.plot_curves
-
-    def crash(run_dir, rows):
-        real_plot(run_dir, rows)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(engine_loop, "plot_curves", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(**{**FAST, "epochs": 3}, out=str(tmp_path / "cut")))
-    monkeypatch.setattr(engine_loop, "plot_curves", real_plot)
+    train_interrupted_after_first_epoch(monkeypatch, TrainConfig(**{**FAST, "epochs": 3}, out=str(tmp_path / "cut")))
     assert len(vrun.read_metrics(tmp_path / "cut")) == 1
 
     train(TrainConfig(resume=str(tmp_path / "cut")))

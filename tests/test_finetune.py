@@ -80,20 +80,11 @@ def test_a_lora_run_evaluates_exports_explains_and_serves_like_any_run(lora_runs
 def test_an_interrupted_lora_run_resumes_to_the_uninterrupted_weights(lora_runs, tmp_path, monkeypatch):
     """Killed after its first epoch's checkpoint, the LoRA run resumes (adapters re-injected, their state
     restored) to the very weights of the run that was not stopped: merged model and adapter alike."""
-    import vitkit.engine.loop as engine_loop
+    from conftest import train_interrupted_after_first_epoch
 
     src, full = lora_runs
-    real_plot = engine_loop.plot_curves
-
-    def crash(run_dir, rows):
-        real_plot(run_dir, rows)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(engine_loop, "plot_curves", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(**FAST, pretrained=str(src), img_size=32, finetune="lora", lora_rank=8,
-                          out=str(tmp_path / "cut")))
-    monkeypatch.setattr(engine_loop, "plot_curves", real_plot)
+    train_interrupted_after_first_epoch(monkeypatch, TrainConfig(**FAST, pretrained=str(src), img_size=32,
+                                                                 finetune="lora", lora_rank=8, out=str(tmp_path / "cut")))
     assert len(vrun.read_metrics(tmp_path / "cut")) == 1
     train(TrainConfig(resume=str(tmp_path / "cut")))
     for weights in (vrun.WEIGHTS, "adapter_model.safetensors"):
