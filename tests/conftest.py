@@ -1,7 +1,13 @@
+import os
+import tempfile
+
 import pytest
 import torch
 
 import vitkit
+
+# Folder listings are cached (`data.listing`): the tests' go to a fresh place, never the user's cache.
+os.environ.setdefault("VITKIT_CACHE", tempfile.mkdtemp(prefix="vitkit-cache-"))
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ from PIL import Image
 
 import vitkit
 from vitkit.cli import main
-from vitkit.data import check_image, load_data, load_image
+from vitkit.data import SkipLog, check_image, load_data, load_image, make_loader
 import vitkit.run as vrun
 from vitkit.engine import TrainConfig, train
 
@@ -53,18 +53,30 @@ def _good_folder(root: Path, classes=("a", "b"), n=4) -> Path:
     return root
 
 
+def _read_all(bundle, skips, num_workers=0) -> int:
+    """Read both splits of a folder bundle as training does; the number of images that came out."""
+    args = dict(batch_size=4, img_size=(8, 8), mean=bundle.mean, std=bundle.std, train=False, skips=skips,
+                num_workers=num_workers)
+    return sum(len(y) for split in (bundle.train, bundle.val) for _, y in make_loader(split, **args))
+
+
 @pytest.mark.parametrize("name", sorted(DAMAGED))
-def test_damaged_image_is_skipped_and_listed_or_strict_error(tmp_path, name):
+def test_damaged_image_is_skipped_when_read_and_listed_once_or_strict_error(tmp_path, name):
     root = _good_folder(tmp_path / "data")
     (root / "a" / name).write_bytes(DAMAGED[name])
     with pytest.raises(ValueError, match=f"cannot read image .*{name}"):
         check_image(root / "a" / name)
-    with pytest.warns(UserWarning, match="skipped 1 damaged"):
-        bundle = load_data(str(root))
-    assert [Path(p).name for p, _ in bundle.skipped] == [name]
-    assert len(bundle.train) + len(bundle.val) == 8
+    bundle = load_data(str(root))  # listed, not decoded: nothing is known to be damaged yet
+    assert len(bundle.train) + len(bundle.val) == 9 and not bundle.skipped
+    log = tmp_path / "skipped_files.txt"
+    workers = 2 if name == "truncated.jpg" else 0  # once through DataLoader worker processes
+    with pytest.warns(UserWarning, match=f"skipped damaged image .*{name}"):
+        assert _read_all(bundle, SkipLog(log), workers) == 8
+    assert [line.split("\t")[0] for line in log.read_text().splitlines()] == [str(root / "a" / name)]
+    _read_all(bundle, SkipLog(log), workers)  # a second pass (a resumed run) lists nothing twice
+    assert len(log.read_text().splitlines()) == 1
     with pytest.raises(ValueError, match=f"damaged image \\(strict mode\\).*{name}"):
-        load_data(str(root), strict=True)
+        _read_all(load_data(str(root), strict=True), SkipLog(strict=True), workers)
 
 
 def test_data_check_decodes_every_image_and_lists_what_training_would_skip(tmp_path, capsys):
@@ -88,20 +100,22 @@ def test_decompression_bomb_is_skipped(tmp_path, monkeypatch):
     root = _good_folder(tmp_path / "data")
     Image.new("L", (400, 400)).save(root / "b" / "huge.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 400x400 is over twice the limit
-    with pytest.warns(UserWarning, match="skipped 1"):
-        bundle = load_data(str(root))
-    assert "decompression bomb" in bundle.skipped[0][1].lower()
+    skips = SkipLog()
+    with pytest.warns(UserWarning, match="skipped damaged image .*huge.png"):
+        assert _read_all(load_data(str(root)), skips) == 8
+    assert "decompression bomb" in skips.met[str(root / "b" / "huge.png")].lower()
 
 
-def test_run_lists_skipped_files_and_reports_count(tmp_path, capsys):
+def test_run_lists_skipped_files_as_it_meets_them(tmp_path):
     root = _good_folder(tmp_path / "data", n=6)
     (root / "b" / "broken.png").write_bytes(DAMAGED["corrupt.png"])
-    with pytest.warns(UserWarning):
-        run_dir = train(TrainConfig(data=str(root), img_size=8, model_args={"depth": 1}, epochs=1, warmup_epochs=0,
+    (root / "c").mkdir()  # an empty class folder: left out when the folder is listed
+    with pytest.warns(UserWarning, match="skipped damaged image .*broken.png"):
+        run_dir = train(TrainConfig(data=str(root), img_size=8, model_args={"depth": 1}, epochs=2, warmup_epochs=0,
                                     num_workers=0, out=str(tmp_path / "run")))
-    assert "skipped 1 damaged" in capsys.readouterr().out
-    listed = (run_dir / vrun.SKIPPED).read_text()
-    assert "broken.png" in listed and "cannot identify" in listed
+    listed = (run_dir / vrun.SKIPPED).read_text().splitlines()  # read in both epochs, listed once
+    assert listed == [f"{root / 'c'}\tclass folder without usable images", listed[1]]
+    assert listed[1].startswith(f"{root / 'b' / 'broken.png'}\t") and "cannot identify" in listed[1]
 
 
 @pytest.mark.parametrize(

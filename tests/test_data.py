@@ -151,3 +151,30 @@ def test_a_truncated_idx_file_is_named(tmp_path):
     (root / "t10k-images-idx3-ubyte").write_bytes(b"\x01\x02\x03\x04")
     with pytest.raises(ValueError, match="not an IDX file"):
         load_data(str(root))
+
+
+def test_folder_listing_is_cached_until_a_directory_changes(tmp_path, monkeypatch):
+    from vitkit.data import listing
+
+    monkeypatch.setenv("VITKIT_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        (root / c / "sub").mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), 40 * i).save(root / c / f"{i}.png")
+    Image.new("L", (8, 8)).save(root / "a" / "sub" / "deep.png")
+    (root / "a" / "notes.txt").write_text("not an image")
+    files, cached = listing.list_images(root)
+    assert not cached and files == ["a/0.png", "a/1.png", "a/2.png", "a/sub/deep.png", "b/0.png", "b/1.png", "b/2.png"]
+    assert listing.list_images(root) == (files, True)
+    Image.new("L", (8, 8)).save(root / "b" / "sub" / "new.png")  # a file added deep down: its folder changed
+    files, cached = listing.list_images(root)
+    assert not cached and "b/sub/new.png" in files and listing.list_images(root)[1]
+    (root / "a" / "0.png").unlink()
+    assert listing.list_images(root)[0] == [f for f in files if f != "a/0.png"]
+    (root / "a" / "sub" / "deep.png").unlink()
+    (root / "a" / "sub").rmdir()  # a directory the cache recorded is gone
+    assert listing.list_images(root) == (["a/1.png", "a/2.png", "b/0.png", "b/1.png", "b/2.png", "b/sub/new.png"],
+                                         False)
+    bundle = load_data(str(root))  # the loader lists through the same cache
+    assert bundle.classes == ["a", "b"] and len(bundle.train) + len(bundle.val) == 6

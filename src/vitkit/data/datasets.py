@@ -6,8 +6,10 @@ at once; image folders (`FolderSplit`) are decoded per image in DataLoader worke
 
 from __future__ import annotations
 
+import collections
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from sklearn.model_selection import train_test_split
 
 from ..preprocess import GRAY_MODES, IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, check_image
 from .idx import IDX_SETS, find_idx, idx_files, load_idx
+from .listing import list_images
 
 BUILTIN = ("mnist5k", "digits")
 # torchvision data sets that fit in memory, by the names people use (the MNIST family: `idx.py`).
@@ -37,14 +40,31 @@ class TensorSplit:
 
 @dataclass
 class FolderSplit:
-    """Image files and their labels, decoded on demand."""
+    """Image files and their labels, decoded on demand (`data.loader`: in DataLoader workers).
 
-    files: list[Path]
-    labels: list[int]
+    The paths are held as one NumPy byte-string array and the labels as one int64 array, not as lists of
+    Python objects: every DataLoader worker forked from this process would touch each object's reference
+    count on reading it and so copy its memory page, making memory grow with the number of files per
+    worker (pytorch/pytorch#13246). Lists or arrays may be passed in."""
+
+    files: Sequence
+    labels: Sequence[int]
     mode: str  # PIL mode the images are converted to: "L" or "RGB"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.files, np.ndarray):
+            self.files = np.array([os.fsencode(p) for p in self.files], dtype=np.bytes_)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def path(self, i: int) -> Path:
+        return Path(os.fsdecode(self.files[i]))
+
+    def subset(self, idx: Sequence[int]) -> FolderSplit:
+        idx = np.asarray(idx, dtype=np.int64)
+        return FolderSplit(self.files[idx], self.labels[idx], self.mode)
 
 
 @dataclass
@@ -148,47 +168,55 @@ def _torchvision(name: str) -> DataBundle:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    """Every image file under `folder`, sorted (from the cached listing when the folder has not changed)."""
+    return [folder / r for r in list_images(folder)[0]]
 
 
-def _usable_images(folder: Path, strict: bool, skipped: list, bar=None) -> tuple[list[Path], list[str]]:
-    """The images under `folder` that decode, and their modes; the others are added to `skipped`. `bar`: a
-    progress bar to advance per file."""
-    files, modes = [], []
-    for p in _image_files(folder):
+def _usable_images(files: list[Path], strict: bool, skipped: list, bar=None) -> tuple[list[Path], list[str]]:
+    """The `files` that decode, and their modes; the others are added to `skipped`. `bar`: a progress bar to
+    advance per file."""
+    good, modes = [], []
+    for p in files:
         if bar is not None:
             bar.update()
         try:
             modes.append(check_image(p))
-            files.append(p)
+            good.append(p)
         except ValueError as e:
             if strict:
                 raise ValueError(f"damaged image (strict mode): {e}") from e
             skipped.append((str(p), str(e.__cause__ or e)))
-    return files, modes
+    return good, modes
 
 
-def _scan_classes(root: Path, *, strict: bool = False,
-                  skipped: list | None = None) -> tuple[list[str], list[Path], list[int], list[str]]:
-    """Class folders under `root` and their decodable images: `(classes, files, labels, modes)`. Damaged
-    files and class folders without a usable image are left out, added to `skipped` as `(path, reason)`
-    (with `strict`, the first one is an error)."""
+def _class_dirs(root: Path) -> list[str]:
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _list_classes(root: Path, *, strict: bool = False,
+                  skipped: list | None = None) -> tuple[list[str], list[Path], list[int]]:
+    """Class folders under `root` and their image files, listed without decoding any: `(classes, files,
+    labels)`. A class folder without an image file is left out, added to `skipped` as `(path, reason)` (with
+    `strict`, an error); damaged files are met when training reads them (`data.loader.SkipLog`)."""
     skipped = [] if skipped is None else skipped
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}")
-    classes, files, labels, modes = [], [], [], []
-    for name in sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        good, good_modes = _usable_images(root / name, strict, skipped)
-        if not good:
+    by_class: dict[str, list[str]] = {}
+    for rel in list_images(root)[0]:
+        name, sep, _ = rel.partition("/")
+        if sep:  # files directly under the root belong to no class
+            by_class.setdefault(name, []).append(rel)
+    classes, files, labels = [], [], []
+    for name in _class_dirs(root):
+        if name not in by_class:
             if strict:
                 raise ValueError(f"class folder {root / name} has no usable images (strict mode)")
             skipped.append((str(root / name), "class folder without usable images"))
             continue
-        files += good
-        modes += good_modes
-        labels += [len(classes)] * len(good)
+        files += [str(root / r) for r in by_class[name]]
+        labels += [len(classes)] * len(by_class[name])
         classes.append(name)
-    return classes, files, labels, modes
+    return classes, files, labels
 
 
 @dataclass
@@ -217,21 +245,21 @@ def check_folder(root: str | Path, *, progress: bool = False) -> FolderCheck:
     layout = [("train", root / "train"), ("val", root / "val")]
     if not all(d.is_dir() for _, d in layout):
         layout = [("all", root)]
-    total = sum(len(_image_files(d)) for _, d in layout)
     counts: dict[str, dict[str, int]] = {}
     modes: dict[str, int] = {}
     skipped: list[tuple[str, str]] = []
-    with tqdm(total=total, desc="checking", unit="img", disable=not progress) as bar:
-        for split, folder in layout:
-            counts[split] = {}
-            for name in sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
-                files, file_modes = _usable_images(folder / name, False, skipped, bar)
-                if not files:
-                    skipped.append((str(folder / name), "class folder without usable images"))
-                    continue
-                counts[split][name] = len(files)
-                for m in file_modes:
-                    modes[m] = modes.get(m, 0) + 1
+    listed = [(split, *_list_classes(folder, skipped=skipped)) for split, folder in layout]
+    with tqdm(total=sum(len(files) for *_, files, _ in listed), desc="checking", unit="img",
+              disable=not progress) as bar:
+        for (split, folder), (_, classes, files, labels) in zip(layout, listed):
+            good, file_modes = _usable_images([Path(f) for f in files], False, skipped, bar)
+            ok = set(map(str, good))
+            kept = collections.Counter(y for f, y in zip(files, labels) if f in ok)
+            counts[split] = {c: kept[y] for y, c in enumerate(classes) if kept[y]}
+            skipped += [(str(folder / c), "class folder without usable images") for y, c in enumerate(classes)
+                        if not kept[y]]
+            for m in file_modes:
+                modes[m] = modes.get(m, 0) + 1
     return FolderCheck(root, counts, modes, skipped)
 
 
@@ -264,43 +292,63 @@ def subset_split(split: TensorSplit | FolderSplit, size: float, seed: int) -> Te
         raise ValueError(f"train_subset={size} asks for {k} of {n} training images")
     if k == n:
         return split
-    labels = split.labels.tolist() if isinstance(split, TensorSplit) else list(split.labels)
-    _, keep = _split_per_class(labels, k / n, seed)
+    _, keep = _split_per_class(split.labels.tolist(), k / n, seed)
     if isinstance(split, TensorSplit):
         idx = torch.tensor(keep)
         return TensorSplit(split.images[idx], split.labels[idx])
-    return FolderSplit([split.files[i] for i in keep], [split.labels[i] for i in keep], split.mode)
+    return split.subset(keep)
+
+
+HEADERS_READ_ALL = 2048  # folders up to this size have every header read; larger ones an evenly spaced sample
+HEADERS_SAMPLED = 256
+
+
+def read_headers(files: Sequence, limit: int = HEADERS_READ_ALL, sample: int = HEADERS_SAMPLED) -> tuple[set[str], int | None]:
+    """`(PIL modes, largest side)` read from image headers only (no pixels): of every file up to `limit`, else
+    of an evenly spaced `sample`. What a folder trains as (greyscale or RGB) and at (`engine.loop`), known
+    before the first step without a decode pass; unreadable files are left to training's skip."""
+    step = 1 if len(files) <= limit else max(1, len(files) // sample)
+    modes, side = set(), None
+    for f in files[::step]:
+        try:
+            with Image.open(os.fsdecode(f)) as im:
+                modes.add(im.mode)
+                side = max(side or 0, *im.size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue
+    return modes, side
 
 
 def _files_bundle(name: str, classes: list[str], train: tuple[list, list], val: tuple[list, list],
-                  modes: list[str], skipped: list, native_size: tuple[int, int] | None = None) -> DataBundle:
-    """A bundle of image files `(files, labels)`: greyscale when every image is, else RGB with ImageNet's statistics."""
-    gray = all(m in GRAY_MODES for m in modes)
+                  skipped: list) -> DataBundle:
+    """A bundle of image files `(files, labels)`: greyscale when every image read is (`read_headers`), else RGB
+    with ImageNet's statistics; the images' largest side is their native size."""
+    modes, side = read_headers([*train[0], *val[0]])
+    gray = bool(modes) and all(m in GRAY_MODES for m in modes)
     mean, std = ((0.5,), (0.5,)) if gray else (IMAGENET_MEAN, IMAGENET_STD)
     mode = "L" if gray else "RGB"
     return DataBundle(name, classes, FolderSplit(*train, mode), FolderSplit(*val, mode), 1 if gray else 3, mean,
-                      std, hflip=True, native_size=native_size, skipped=skipped)
+                      std, hflip=True, native_size=(side, side) if side else None, skipped=skipped)
 
 
 def _folder(root: Path, *, seed: int, val_fraction: float, strict: bool) -> DataBundle:
-    """`ROOT/CLASS/*.png`, or `ROOT/train/CLASS/...` and `ROOT/val/CLASS/...`."""
+    """`ROOT/CLASS/*.png`, or `ROOT/train/CLASS/...` and `ROOT/val/CLASS/...`: listed, not decoded (the files
+    are read in the loader's workers, damaged ones skipped there)."""
     skipped: list[tuple[str, str]] = []
     if (root / "train").is_dir() and (root / "val").is_dir():
-        classes, tr_files, tr_labels, modes = _scan_classes(root / "train", strict=strict, skipped=skipped)
-        val_classes, va_files, va_labels, va_modes = _scan_classes(root / "val", strict=strict, skipped=skipped)
+        classes, tr_files, tr_labels = _list_classes(root / "train", strict=strict, skipped=skipped)
+        val_classes, va_files, va_labels = _list_classes(root / "val", strict=strict, skipped=skipped)
         extra = sorted(set(val_classes) - set(classes))
         if extra:
             raise ValueError(f"{root}/val has classes that {root}/train lacks: {extra}")
         va_labels = [classes.index(val_classes[y]) for y in va_labels]  # align to the training classes
-        modes += va_modes
     else:
-        classes, files, labels, modes = _scan_classes(root, strict=strict, skipped=skipped)
+        classes, files, labels = _list_classes(root, strict=strict, skipped=skipped)
         tr, va = _split_per_class(labels, val_fraction, seed)
         tr_files, tr_labels = [files[i] for i in tr], [labels[i] for i in tr]
         va_files, va_labels = [files[i] for i in va], [labels[i] for i in va]
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} damaged or empty entries under {root}, "
-                      f"e.g. {skipped[0][0]}: {skipped[0][1]}")
+        warnings.warn(f"skipped {len(skipped)} empty class folders under {root}, e.g. {skipped[0][0]}")
     if not tr_files:
         raise ValueError(f"no usable images ({', '.join(IMG_EXTENSIONS)}) under {root}; expected ROOT/CLASS/*.png")
     if len(classes) < 2:
@@ -308,44 +356,24 @@ def _folder(root: Path, *, seed: int, val_fraction: float, strict: bool) -> Data
                          f"classifier, found {classes}")
     if not va_files:
         raise ValueError(f"no validation images under {root}: add images or lower --val-fraction's rounding")
-    return _files_bundle(str(root), classes, (tr_files, tr_labels), (va_files, va_labels), modes, skipped,
-                         native_size=largest_side(tr_files))
-
-
-def largest_side(files: list[Path], sample: int = 256) -> tuple[int, int] | None:
-    """`(s, s)`, s the largest side among (an evenly spaced sample of) the images, read from their
-    headers only; what a folder of small images trains at by default (`engine.loop`)."""
-    sides = []
-    for f in files[:: max(1, len(files) // sample)]:
-        try:
-            with Image.open(f) as im:
-                sides.append(max(im.size))
-        except (OSError, ValueError):
-            continue
-    return (max(sides), max(sides)) if sides else None
+    return _files_bundle(str(root), classes, (tr_files, tr_labels), (va_files, va_labels), skipped)
 
 
 def load_unlabeled(source: str, *, seed: int = 0, val_fraction: float = 0.05, strict: bool = False) -> DataBundle:
     """Images without labels, for self-supervised pre-training: a built-in or torchvision name loads as in
     `load_data` (labels unused); a folder may be flat or nested (names ignored), with `ROOT/train` and
     `ROOT/val` as the splits, else a seeded `val_fraction` held out (none of a single image). Every
-    label is 0 and `classes` is empty."""
+    label is 0 and `classes` is empty. Files are listed, not decoded, as in `load_data`."""
     path = Path(source).expanduser()
     idx = path.is_dir() and idx_files(path, IDX_SETS.get(path.name, ("", "", "", ""))[2])  # a folder of IDX files
     if source in BUILTIN or source.lower() in TORCHVISION or not path.is_dir() or idx:
         return load_data(source, seed=seed, val_fraction=val_fraction, strict=strict)
-    skipped: list[tuple[str, str]] = []
     if (path / "train").is_dir() and (path / "val").is_dir():
-        tr_files, tr_modes = _usable_images(path / "train", strict, skipped)
-        va_files, va_modes = _usable_images(path / "val", strict, skipped)
+        tr_files, va_files = (list(map(str, _image_files(path / s))) for s in ("train", "val"))
     else:
-        files, modes = _usable_images(path, strict, skipped)
+        files = list(map(str, _image_files(path)))
         tr, va = _split_per_class([0] * len(files), val_fraction, seed)
         tr_files, va_files = [files[i] for i in tr], [files[i] for i in va]
-        tr_modes, va_modes = [modes[i] for i in tr], [modes[i] for i in va]
-    if skipped:
-        warnings.warn(f"skipped {len(skipped)} damaged images under {path}, e.g. {skipped[0][0]}: {skipped[0][1]}")
     if not tr_files:
         raise ValueError(f"no usable images ({', '.join(IMG_EXTENSIONS)}) under {path}")
-    return _files_bundle(str(path), [], (tr_files, [0] * len(tr_files)), (va_files, [0] * len(va_files)),
-                         tr_modes + va_modes, skipped)
+    return _files_bundle(str(path), [], (tr_files, [0] * len(tr_files)), (va_files, [0] * len(va_files)), [])

@@ -8,7 +8,9 @@ per-image transforms. Both are deterministic given `(seed, epoch)`, which makes 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -100,30 +102,78 @@ class TensorLoader:
         return x.gather(3, cols)
 
 
+class SkipLog:
+    """Damaged files met while reading a folder, each recorded once: a warning, and a line `path<TAB>reason`
+    appended to `path` (the run's skipped_files.txt), whose existing lines count as met (a resumed run lists
+    nothing twice). With `strict`, the first one is an error instead."""
+
+    def __init__(self, path: Path | None = None, *, strict: bool = False) -> None:
+        self.path, self.strict = path, strict
+        self.met: dict[str, str] = {}
+        if path is not None and path.exists():
+            self.met = dict(line.split("\t", 1) for line in path.read_text().splitlines() if "\t" in line)
+
+    def add(self, file: str, reason: str, *, warn: bool = True) -> None:
+        if self.strict:
+            raise ValueError(f"damaged image (strict mode): cannot read image {file}: {reason}")
+        if file in self.met:
+            return
+        self.met[file] = reason
+        where = ""
+        if self.path is not None:
+            try:
+                with open(self.path, "a") as f:  # one short line per write: processes appending never interleave
+                    f.write(f"{file}\t{reason}\n")
+                where = f" (listed in {self.path})"
+            except OSError as e:
+                where = f" (could not list it in {self.path}: {e})"
+        if warn:
+            warnings.warn(f"skipped damaged image {file}: {reason}{where}")
+
+
 class _FolderDataset(Dataset):
+    """Image `i`, transformed, with its label; a file that does not decode gives `(None, -1, (path, reason))`
+    so the worker goes on and the main process records the skip (`SkipLog`)."""
+
     def __init__(self, split: FolderSplit, transform) -> None:
         self.split, self.transform = split, transform
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(load_image(self.split.files[i], self.split.mode)), self.split.labels[i]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, tuple[str, str] | None]:
+        path = self.split.path(i)
+        try:
+            image = load_image(path, self.split.mode)
+        except ValueError as e:
+            return None, -1, (str(path), str(e.__cause__ or e))
+        return self.transform(image), int(self.split.labels[i]), None
+
+
+def _collate(items: list) -> tuple[torch.Tensor | None, torch.Tensor | None, list[tuple[str, str]]]:
+    """A batch of the images that decoded (one fewer per damaged file), and the damaged files."""
+    good = [(x, y) for x, y, bad in items if bad is None]
+    bad = [b for _, _, b in items if b is not None]
+    if not good:
+        return None, None, bad
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), bad
 
 
 class FolderLoader:
     """A `DataLoader` over image files whose shuffling is reseeded every epoch. Under `torch.distributed`,
-    training uses a `DistributedSampler`; evaluation gives each rank every `world_size`-th image, unpadded."""
+    training uses a `DistributedSampler`; evaluation gives each rank every `world_size`-th image, unpadded.
+    Damaged files are dropped from their batch and recorded in `skips`, which the engine points at the run."""
 
     def __init__(self, split: FolderSplit, *, batch_size, img_size, mean, std, train,
                  augment: AugmentSpec | str = "light", hflip=True, seed: int = 0, num_workers: int = 2, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, skips: SkipLog | None = None, pin_memory: bool = False) -> None:
         spec = resolve_augment(augment) if isinstance(augment, str) else augment
         tf = (train_transform(img_size, mean, std, augment=spec, hflip=hflip) if train
               else eval_transform(img_size, mean, std))
         dataset = _FolderDataset(split, tf)
         self.generator = torch.Generator()
         self.seed, self.epoch, self.sampler = seed, 0, None
+        self.skips = skips or SkipLog()
         if world_size > 1 and train:
             self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                               drop_last=True)
@@ -131,7 +181,8 @@ class FolderLoader:
             dataset = Subset(dataset, range(rank, len(dataset), world_size))
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=train and self.sampler is None,
                                  sampler=self.sampler, drop_last=train and len(split) > batch_size * world_size,
-                                 num_workers=num_workers, generator=self.generator, persistent_workers=False)
+                                 num_workers=num_workers, generator=self.generator, persistent_workers=False,
+                                 collate_fn=_collate, pin_memory=pin_memory)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -143,12 +194,18 @@ class FolderLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.generator.manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(self.loader)
+        for x, y, bad in self.loader:
+            for file, reason in bad:
+                self.skips.add(file, reason)
+            if x is not None:
+                yield x, y
 
 
 def make_loader(split: TensorSplit | FolderSplit, **kwargs) -> TensorLoader | FolderLoader:
     """The fast in-memory loader for tensors, a DataLoader for files."""
     if isinstance(split, TensorSplit):
         kwargs.pop("num_workers", None)
+        kwargs.pop("skips", None)
+        kwargs.pop("pin_memory", None)
         return TensorLoader(split, **kwargs)
     return FolderLoader(split, **kwargs)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..card import write_card
 from ..data import FolderSplit, load_data, make_loader
-from ..data.datasets import _scan_classes
+from ..data.datasets import _list_classes
 from ..run import CURVES, RunRecord, load_run, write_eval
 from .report import split_images, write_report
 from .runtime import Runtime
@@ -117,7 +117,7 @@ def _eval_split(source: str, rec: RunRecord, *, explicit: bool) -> tuple[list[st
     """The classes and images to score: a plain class folder as a whole, else the source's validation split."""
     folder = Path(source)
     if explicit and folder.is_dir() and not (folder / "val").is_dir():
-        classes, files, labels, _ = _scan_classes(folder)
+        classes, files, labels = _list_classes(folder)
         return classes, FolderSplit(files, labels, rec.mode)
     bundle = load_data(source, seed=rec.seed, val_fraction=rec.val_fraction)
     return bundle.classes, bundle.val

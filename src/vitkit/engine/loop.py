@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..card import describe_hardware, write_card
 from ..convert import HUB_ID, open_pretrained, read_checkpoint, resolve_source
-from ..data import TensorSplit, load_data, make_loader, resolve_augment, subset_split
+from ..data import SkipLog, TensorSplit, load_data, make_loader, resolve_augment, subset_split
 from ..data.datasets import load_unlabeled
 from ..models import create_model, get_model_entry, model_config
 from ..run import (CHECKPOINT, CONFIG, CURVES, EMA_WEIGHTS, EVAL, SKIPPED, WEIGHTS, RunRecord, append_metrics, atomic_write,
@@ -237,15 +237,18 @@ def setup(cfg: FitConfig) -> Session:
     hflip = (data.hflip and cfg.augment != "none") if cfg.hflip is None else cfg.hflip
     spec = resolve_augment(cfg.augment, **kind.augment_overrides(cfg))
     tta = _tta(cfg, kind, hflip, isinstance(data.train, TensorSplit) and spec.crop)
+    run_dir = _run_dir(cfg, resume_state is not None)
+    # Damaged files are met as the loaders read them: every process appends what it meets to the run's list.
+    skips = SkipLog(run_dir / SKIPPED, strict=cfg.strict)
     loader_args = dict(batch_size=cfg.batch_size, img_size=img_size, mean=mean, std=std, seed=cfg.seed,
-                       num_workers=cfg.num_workers, rank=runtime.rank, world_size=runtime.world_size)
+                       num_workers=cfg.num_workers, rank=runtime.rank, world_size=runtime.world_size, skips=skips,
+                       pin_memory=runtime.device.type == "cuda")
     train_loader = make_loader(data.train, train=True, augment=spec, hflip=hflip, **loader_args)
     val_loader = make_loader(data.val, train=False, **loader_args) if len(data.val) else None
     if len(train_loader) < cfg.accum_steps:
         raise ValueError(f"{len(data.train)} training images make {len(train_loader)} batches of {cfg.batch_size}"
                          f"{f' x {runtime.world_size} processes' if runtime.world_size > 1 else ''}: too few for "
                          f"accum_steps={cfg.accum_steps}; lower --batch-size or --accum-steps")
-    run_dir = _run_dir(cfg, resume_state is not None)
     ctx = Context(cfg, data, runtime, img_size, mean, std, tta, run_dir, resume_state is not None, loader_args)
     objective = kind.build(model, ctx).to(runtime.device)
     if cfg.time_budget and resume_state is None:  # a resumed run keeps the plan its record holds
@@ -253,9 +256,10 @@ def setup(cfg: FitConfig) -> Session:
                                       (1 + tta[0], tta_view_count(*tta)))
     if resume_state is None and runtime.is_main:
         _record(ctx, kind, model_args, hflip).write(run_dir)
-    if data.skipped and runtime.is_main:
-        atomic_write(run_dir / SKIPPED, "".join(f"{p}\t{why}\n" for p, why in data.skipped).encode())
-        print(f"skipped {len(data.skipped)} damaged images or empty class folders (listed in {run_dir / SKIPPED})")
+    if data.skipped and runtime.is_main:  # what listing the folder left out (empty class folders)
+        for p, why in data.skipped:
+            skips.add(p, why, warn=False)
+        print(f"skipped {len(data.skipped)} empty class folders (listed in {run_dir / SKIPPED})")
     s = _session(cfg, run_dir, runtime, objective, train_loader, val_loader)
     if resume_state is not None:
         _restore(s, resume_state)

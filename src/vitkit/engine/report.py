@@ -210,7 +210,7 @@ def split_images(split: Any) -> ImageGetter:
     """Image `i` of a data split (`TensorSplit` or `FolderSplit`), as the person would see it."""
     def image(i: int) -> np.ndarray:
         if not hasattr(split, "images"):
-            return np.asarray(load_image(split.files[i], split.mode))
+            return np.asarray(load_image(split.path(i), split.mode))
         x = split.images[i].numpy()  # (C, H, W) uint8
         return x[0] if x.shape[0] == 1 else x[:3].transpose(1, 2, 0)
 
