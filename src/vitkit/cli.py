@@ -70,7 +70,8 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("convert", _command(cmd_convert), help="convert pretrained weights to a vitkit run")
     sub.add_subcommand("export", _command(cmd_export), help="export a run for use outside vitkit")
     sub.add_subcommand("serve", _command(cmd_serve), help="serve predictions and a web page")
-    sub.add_subcommand("data", _command(cmd_data), help="check an image folder: decode every file, count classes")
+    sub.add_subcommand("data", _command(cmd_data, maybe=("out",)),
+                       help="check an image folder (decode every file, count classes) or pack it as shards")
     sub.add_subcommand("benchmark", _command(cmd_benchmark, repeat=("mode", "precision")),
                        help="measure training and inference speed")
     return parser
@@ -294,15 +295,36 @@ def cmd_push(run_dir: str, *, repo_id: str, private: bool = False, dry_run: bool
     return 0
 
 
-def cmd_data(action: Literal["check"], root: str) -> int:
-    """Check an image folder before training on it: decode every image once (as training will), with a
-    progress bar, then list the classes and their image counts, the images' modes and every damaged
-    file or empty class folder training would skip. Exit status 1 when there are any.
+def cmd_data(action: Literal["check", "pack"], root: str, out: Optional[str] = None, *, shard_size: int = 10_000,
+             seed: int = 0, val_fraction: float = 0.2) -> int:
+    """Check an image folder, or write it as WebDataset shards.
+
+    check: decode every image once (as training will), with a progress bar, then list the classes and their
+    image counts, the images' modes and every damaged file or empty class folder training would skip. Exit
+    status 1 when there are any. pack: write ROOT as OUT/train-NNNNNN.tar and OUT/val-NNNNNN.tar of
+    --shard-size samples each, with OUT/info.json (classes, counts), for `vitkit train --data wds:OUT`.
 
     Args:
-        action: what to do with the folder: check.
+        action: check or pack.
         root: ROOT/CLASS/*.png, or ROOT/train/CLASS/... and ROOT/val/CLASS/....
+        out: pack: the folder to write the shards to.
+        shard_size: pack: samples per shard.
+        seed: pack: the seed of the train/validation split (as `vitkit train --seed`) and the shuffle.
+        val_fraction: pack: the validation share of a folder without train/ and val/ (as `vitkit train`).
     """
+    if action == "pack":
+        from .data.streams import pack_folder
+
+        if out is None:
+            raise ValueError("vitkit data pack ROOT OUT: name the folder to write the shards to")
+        if shard_size < 1:
+            raise ValueError(f"shard_size={shard_size} is invalid: must be >= 1")
+        info = pack_folder(root, out, shard_size=shard_size, seed=seed, val_fraction=val_fraction,
+                           progress=sys.stderr.isatty())
+        for split, shards in info["splits"].items():
+            print(f"{split}: {sum(s['samples'] for s in shards):,} samples in {len(shards)} shards")
+        print(f"{len(info['classes'])} classes -> {out}; train on them with: vitkit train --data wds:{out}")
+        return 0
     from .data import check_folder
 
     report = check_folder(root, progress=sys.stderr.isatty())

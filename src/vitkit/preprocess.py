@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -37,9 +38,10 @@ def check_image(path: str | Path) -> str:
         raise ValueError(f"cannot read image {path}: {e or type(e).__name__}") from e
 
 
-def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
-    """Open an image, apply its EXIF rotation and convert it to `mode` ("L" or "RGB"): 16-bit and float
-    images are rescaled to 8 bits (PIL's conversion would clip them), palettes applied, alpha dropped."""
+def load_image(path: str | Path | BinaryIO, mode: str = "RGB", *, name: str | None = None) -> Image.Image:
+    """Open an image (a path, or a file object such as a shard member's bytes, then named `name` in errors),
+    apply its EXIF rotation and convert it to `mode` ("L" or "RGB"): 16-bit and float images are rescaled to 8
+    bits (PIL's conversion would clip them), palettes applied, alpha dropped."""
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
@@ -49,7 +51,7 @@ def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
                 im = Image.fromarray(((arr - lo) / max(hi - lo, 1e-12) * 255).round().astype(np.uint8), mode="L")
             return im.convert(mode)
     except _DECODE_ERRORS as e:
-        raise ValueError(f"cannot read image {path}: {e or type(e).__name__}") from e
+        raise ValueError(f"cannot read image {name or path}: {e or type(e).__name__}") from e
 
 
 def eval_transform(img_size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Transform:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
-from ..preprocess import GRAY_MODES, IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, check_image
+from ..preprocess import GRAY_MODES, IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, check_image, load_image
 from .idx import IDX_SETS, find_idx, idx_files, load_idx
 from .listing import list_images
 
@@ -62,6 +62,12 @@ class FolderSplit:
     def path(self, i: int) -> Path:
         return Path(os.fsdecode(self.files[i]))
 
+    def name(self, i: int) -> str:
+        return os.fsdecode(self.files[i])
+
+    def read(self, i: int) -> Image.Image:
+        return load_image(self.path(i), self.mode)
+
     def subset(self, idx: Sequence[int]) -> FolderSplit:
         idx = np.asarray(idx, dtype=np.int64)
         return FolderSplit(self.files[idx], self.labels[idx], self.mode)
@@ -91,9 +97,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VITKIT_DATA", Path.home() / ".cache" / "vitkit" / "datasets"))
 
 
-def load_data(source: str, *, seed: int = 0, val_fraction: float = 0.2, strict: bool = False) -> DataBundle:
-    """Load a data set by name (`mnist5k`, `digits`, `cifar10`, ...) or from an image folder path, whose
-    damaged images are skipped with a warning and listed in `bundle.skipped` (`strict=True`: an error)."""
+def load_data(source: str, *, seed: int = 0, val_fraction: float = 0.2, strict: bool = False,
+              image_key: str | None = None, label_key: str | None = None,
+              train_num_samples: int | None = None) -> DataBundle:
+    """Load a data set by name (`mnist5k`, `digits`, `cifar10`, ...), from an image folder path (listed, its
+    damaged images skipped when read; empty class folders in `bundle.skipped`; `strict=True`: an error), from
+    WebDataset shards (`wds:DIR_OR_PATTERN`) or a Hugging Face dataset (`hf:NAME_OR_PATH`), whose image and
+    label keys may be named (`data.streams`)."""
+    if source.startswith(("wds:", "hf:")):
+        return _stream(source, seed=seed, val_fraction=val_fraction, image_key=image_key, label_key=label_key,
+                       train_num_samples=train_num_samples)
     if source in BUILTIN:
         images, labels, classes = _mnist5k() if source == "mnist5k" else _digits()
         # A fixed stratified split (seed 0 whatever the run's seed, so every run is scored on the
@@ -113,6 +126,26 @@ def load_data(source: str, *, seed: int = 0, val_fraction: float = 0.2, strict: 
     raise ValueError(f"unknown data set {source!r}: not a built-in ({', '.join(BUILTIN)}), not an MNIST-format "
                      f"name ({', '.join(IDX_SETS)}) or a torchvision one ({', '.join(TORCHVISION)}), and no folder "
                      f"exists at {path}")
+
+
+def _stream(source: str, **kwargs) -> DataBundle:
+    from . import streams
+
+    library = "webdataset" if source.startswith("wds:") else "datasets"
+    try:
+        __import__(library)
+    except ImportError as e:
+        raise ImportError(f"--data {source} reads with the {library} library: pip install 'vitkit[data]'") from e
+    if source.startswith("wds:"):
+        kwargs.pop("seed"), kwargs.pop("val_fraction")
+        classes, train, val, mode, side = streams.open_shards(source, **kwargs)
+    else:
+        classes, train, val, mode, side = streams.open_hf(source, **kwargs)
+    in_chans, mean, std = streams.stream_bundle_stats(mode)
+    if val is None:
+        val = TensorSplit(torch.zeros(0, in_chans, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
+    return DataBundle(source, classes, train, val, in_chans, mean, std, hflip=True,
+                      native_size=(side, side) if side else None)
 
 
 def _idx(files: dict[str, Path], name: str) -> DataBundle:
@@ -286,6 +319,9 @@ def _split_per_class(labels: list[int], val_fraction: float, seed: int) -> tuple
 def subset_split(split: TensorSplit | FolderSplit, size: float, seed: int) -> TensorSplit | FolderSplit:
     """A seeded, stratified part of a split: `size` <= 1 is a fraction (1: the whole split), > 1 a number of
     images (low-label experiments: e.g. 10% of the labels, or 1,000 training images)."""
+    if not hasattr(split, "labels"):
+        raise ValueError("train_subset needs data with random access (a folder, a built-in, an on-disk HF dataset), "
+                         "not a stream; use --train-num-samples")
     n = len(split)
     k = round(size * n) if size <= 1 else int(size)
     if not 0 < k <= n:

@@ -19,7 +19,8 @@ from torchvision.transforms import v2
 
 from .augment import AugmentSpec, apply_per_image, image_policy, resolve_augment
 from .datasets import FolderSplit, TensorSplit
-from .transforms import eval_transform, load_image, train_transform
+from .streams import HFStreamSplit, ShardSplit, StreamLoader
+from .transforms import eval_transform, train_transform
 
 
 class TensorLoader:
@@ -132,7 +133,8 @@ class SkipLog:
 
 
 class _FolderDataset(Dataset):
-    """Image `i`, transformed, with its label; a file that does not decode gives `(None, -1, (path, reason))`
+    """Image `i` of a random-access split (a folder's `FolderSplit`, an on-disk HF `DatasetSplit`), transformed,
+    with its label; a file that does not decode gives `(None, -1, (path, reason))`
     so the worker goes on and the main process records the skip (`SkipLog`)."""
 
     def __init__(self, split: FolderSplit, transform) -> None:
@@ -142,11 +144,10 @@ class _FolderDataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, tuple[str, str] | None]:
-        path = self.split.path(i)
         try:
-            image = load_image(path, self.split.mode)
+            image = self.split.read(i)
         except ValueError as e:
-            return None, -1, (str(path), str(e.__cause__ or e))
+            return None, -1, (self.split.name(i), str(e.__cause__ or e))
         return self.transform(image), int(self.split.labels[i]), None
 
 
@@ -201,11 +202,14 @@ class FolderLoader:
                 yield x, y
 
 
-def make_loader(split: TensorSplit | FolderSplit, **kwargs) -> TensorLoader | FolderLoader:
-    """The fast in-memory loader for tensors, a DataLoader for files."""
+def make_loader(split, **kwargs) -> TensorLoader | FolderLoader | StreamLoader:
+    """The fast in-memory loader for tensors, a DataLoader over files (or on-disk HF rows) read by index, a
+    stream loader for shards and streamed datasets."""
+    if isinstance(split, (ShardSplit, HFStreamSplit)):
+        return StreamLoader(split, **kwargs)
+    kwargs.pop("shuffle_buffer", None)
     if isinstance(split, TensorSplit):
-        kwargs.pop("num_workers", None)
-        kwargs.pop("skips", None)
-        kwargs.pop("pin_memory", None)
+        for k in ("num_workers", "skips", "pin_memory"):
+            kwargs.pop(k, None)
         return TensorLoader(split, **kwargs)
     return FolderLoader(split, **kwargs)

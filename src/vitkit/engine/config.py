@@ -117,7 +117,8 @@ class FitConfig:
     """The fields every objective shares: data, model, optimisation, precision and the run directory."""
 
     data: str = "mnist5k"
-    """Built-in name (mnist5k, digits), torchvision name (cifar10, mnist, ...) or an image folder."""
+    """Built-in name (mnist5k, digits), MNIST-format or torchvision name (fashion-mnist, cifar10, ...), an image
+    folder, WebDataset shards (wds:DIR_OR_PATTERN) or a Hugging Face dataset (hf:NAME_OR_PATH); docs/data.md."""
     model: str | None = None
     """A name from `vitkit models`; default: the --pretrained run's model, else the objective's default."""
     model_args: dict[str, Any] = field(default_factory=dict)
@@ -164,7 +165,18 @@ class FitConfig:
     val_fraction: float = 0.2
     """Held-out share for image folders without train/ and val/ subfolders."""
     num_workers: int = 2
-    """DataLoader workers for image folders (in-memory data needs none)."""
+    """DataLoader workers for image folders, shards and HF datasets (in-memory data needs none)."""
+    image_key: str | None = None
+    """The image entry of WebDataset shards (default: the first of png, jpg, jpeg, webp, ... a sample has) or the
+    image column of a Hugging Face dataset (default: image or img)."""
+    label_key: str | None = None
+    """The label entry of shards (default: cls) or column of a Hugging Face dataset (default: label or labels)."""
+    train_num_samples: int | None = None
+    """An epoch's length, in samples, for streamed data whose size is unknown (shards without counts, a hub stream)."""
+    shuffle_buffer: int = 5000
+    """Samples a stream shuffles among (per DataLoader worker); folders and in-memory data are shuffled exactly."""
+    steps: int | None = None
+    """Stop after this many optimizer steps, the schedule laid over them, instead of at the last epoch's end."""
     strict: bool = False
     """Stop at the first damaged image instead of skipping it (skipped files are listed in the run directory)."""
     skip_nonfinite: int = 0
@@ -208,7 +220,12 @@ class FitConfig:
             "img_size": (self.img_size is None or self.img_size > 0, "> 0 or null"),
             "clip_grad": (self.clip_grad is None or self.clip_grad > 0, "> 0 or null"),
             "skip_nonfinite": (self.skip_nonfinite >= 0, ">= 0"),
+            "steps": (self.steps is None or self.steps >= 1, ">= 1 or null"),
+            "train_num_samples": (self.train_num_samples is None or self.train_num_samples >= 1, ">= 1 or null"),
+            "shuffle_buffer": (self.shuffle_buffer >= 0, ">= 0"),
         })
+        if self.steps is not None and self.time_budget is not None:
+            raise ValueError("steps and time_budget both fix the run's length: pass one of them")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

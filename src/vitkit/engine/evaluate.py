@@ -59,6 +59,8 @@ def evaluate(model: nn.Module, loader, runtime: Runtime, *, tta_flip: bool = Fal
         logits.append((sum(outs) / len(outs)).cpu())
         heads.append([o.cpu() for o in outs])
         targets.append(y.cpu())
+    if not targets:  # this process's part of a stream was empty (fewer shards than processes): it adds nothing
+        logits, targets, heads = [torch.zeros(0, 5)], [torch.zeros(0, dtype=torch.int64)], [[torch.zeros(0, 5)]]
     logits, targets = torch.cat(logits), torch.cat(targets)
     topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
     several = len(heads[0]) > 1

@@ -23,6 +23,7 @@ from ..card import describe_hardware, write_card
 from ..convert import HUB_ID, open_pretrained, read_checkpoint, resolve_source
 from ..data import SkipLog, TensorSplit, load_data, make_loader, resolve_augment, subset_split
 from ..data.datasets import load_unlabeled
+from ..data.streams import is_stream
 from ..models import create_model, get_model_entry, model_config
 from ..run import (CHECKPOINT, CONFIG, CURVES, EMA_WEIGHTS, EVAL, SKIPPED, WEIGHTS, RunRecord, append_metrics, atomic_write,
                    load_resume_state, save_checkpoint, save_weights, write_eval)
@@ -59,6 +60,7 @@ class Session:
     ema: AveragedModel | None
     lr_at: Callable[[int], float]
     steps_per_epoch: int
+    total_steps: int
     start_epoch: int = 0
     nonfinite: int = 0
 
@@ -75,7 +77,7 @@ def train_one_epoch(s: Session, epoch: int, train_model: nn.Module) -> dict[str,
     bar = tqdm(s.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                disable=None if runtime.is_main else True)
     optimizer.zero_grad(set_to_none=True)
-    n_batches = s.steps_per_epoch * accum  # a trailing partial accumulation is dropped
+    n_batches = min(s.steps_per_epoch, s.total_steps - first_step) * accum  # a trailing partial accumulation is dropped
     for i, (x, y) in enumerate(bar):
         if i >= n_batches:
             break
@@ -242,13 +244,16 @@ def setup(cfg: FitConfig) -> Session:
     skips = SkipLog(run_dir / SKIPPED, strict=cfg.strict)
     loader_args = dict(batch_size=cfg.batch_size, img_size=img_size, mean=mean, std=std, seed=cfg.seed,
                        num_workers=cfg.num_workers, rank=runtime.rank, world_size=runtime.world_size, skips=skips,
-                       pin_memory=runtime.device.type == "cuda")
+                       pin_memory=runtime.device.type == "cuda", shuffle_buffer=cfg.shuffle_buffer)
     train_loader = make_loader(data.train, train=True, augment=spec, hflip=hflip, **loader_args)
-    val_loader = make_loader(data.val, train=False, **loader_args) if len(data.val) else None
+    val_loader = make_loader(data.val, train=False, **loader_args) if len(data.val) or is_stream(data.val) else None
     if len(train_loader) < cfg.accum_steps:
         raise ValueError(f"{len(data.train)} training images make {len(train_loader)} batches of {cfg.batch_size}"
                          f"{f' x {runtime.world_size} processes' if runtime.world_size > 1 else ''}: too few for "
                          f"accum_steps={cfg.accum_steps}; lower --batch-size or --accum-steps")
+    if cfg.steps is not None and resume_state is None:  # the epochs that hold the steps, the last one cut short
+        run_epochs = cfg.steps * cfg.accum_steps / len(train_loader)  # warmup: at most half the run
+        cfg = replace(cfg, epochs=max(1, math.ceil(run_epochs)), warmup_epochs=min(cfg.warmup_epochs, run_epochs / 2))
     ctx = Context(cfg, data, runtime, img_size, mean, std, tta, run_dir, resume_state is not None, loader_args)
     objective = kind.build(model, ctx).to(runtime.device)
     if cfg.time_budget and resume_state is None:  # a resumed run keeps the plan its record holds
@@ -305,7 +310,8 @@ def _check_model(cfg: FitConfig, kind: type[Objective]) -> None:
 def _load(cfg: FitConfig, kind: type[Objective]):
     if not kind.labels:
         return load_unlabeled(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, strict=cfg.strict)
-    data = load_data(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, strict=cfg.strict)
+    data = load_data(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, strict=cfg.strict,
+                     image_key=cfg.image_key, label_key=cfg.label_key, train_num_samples=cfg.train_num_samples)
     subset = getattr(cfg, "train_subset", None)
     return replace(data, train=subset_split(data.train, subset, cfg.seed)) if subset is not None else data
 
@@ -389,9 +395,10 @@ def _session(cfg: FitConfig, run_dir: Path, runtime: Runtime, objective: Objecti
     optimizer = create_optimizer(objective, cfg.lr, cfg.weight_decay, cfg.layer_decay) if objective.trains else None
     ema = create_ema(objective.model, cfg.ema) if cfg.ema and objective.trains else None
     steps_per_epoch = len(train_loader) // cfg.accum_steps
-    total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    total, warmup = cfg.steps or cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     lr_at = lambda step: warmup_cosine(step, total, warmup, cfg.lr, cfg.min_lr)  # noqa: E731
-    return Session(cfg, run_dir, runtime, objective, train_loader, val_loader, optimizer, ema, lr_at, steps_per_epoch)
+    return Session(cfg, run_dir, runtime, objective, train_loader, val_loader, optimizer, ema, lr_at, steps_per_epoch,
+                   total)
 
 
 def _restore(s: Session, state: dict[str, Any]) -> None:
@@ -416,7 +423,7 @@ def _announce(s: Session, data, img_size: tuple[int, int]) -> None:
     labels = f"{data.num_classes} classes" if s.objective.labels else "no labels"
     params = sum(p.numel() for p in s.objective.model.parameters()) / 1e6
     print(f"{s.objective.title} {cfg.model} ({params:.2f}M params) on {cfg.data}: {len(data.train)} train / "
-          f"{len(data.val)} val images, {labels}, {img_size[0]}x{img_size[1]} px, {rt.device}{procs} {rt.precision} "
+          f"{len(data.val) or 'streamed'} val images, {labels}, {img_size[0]}x{img_size[1]} px, {rt.device}{procs} {rt.precision} "
           f"-> {s.run_dir}")
 
 
