@@ -178,3 +178,17 @@ def test_folder_listing_is_cached_until_a_directory_changes(tmp_path, monkeypatc
                                          False)
     bundle = load_data(str(root))  # the loader lists through the same cache
     assert bundle.classes == ["a", "b"] and len(bundle.train) + len(bundle.val) == 6
+
+
+def test_jpegs_decode_at_reduced_size_for_the_input_size_pngs_whole(tmp_path):
+    from vitkit.data import load_image
+    from vitkit.data.streams import draft_size
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (400, 600, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    Image.fromarray(rng.integers(0, 255, (400, 600, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    assert draft_size((64, 64), train=True) == 128 and draft_size((64, 64), train=False) == 64
+    assert load_image(tmp_path / "a.jpg", draft=128).size == (300, 200)  # 1/2: the smallest scale with sides >= 128
+    assert load_image(tmp_path / "a.jpg", draft=60).size == (150, 100)
+    assert load_image(tmp_path / "a.jpg", draft=50).size == (75, 50)  # 1/8: PIL's smallest
+    assert load_image(tmp_path / "a.jpg").size == load_image(tmp_path / "a.png", draft=60).size == (600, 400)

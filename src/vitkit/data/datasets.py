@@ -65,8 +65,8 @@ class FolderSplit:
     def name(self, i: int) -> str:
         return os.fsdecode(self.files[i])
 
-    def read(self, i: int) -> Image.Image:
-        return load_image(self.path(i), self.mode)
+    def read(self, i: int, draft: int | None = None) -> Image.Image:
+        return load_image(self.path(i), self.mode, draft=draft)
 
     def subset(self, idx: Sequence[int]) -> FolderSplit:
         idx = np.asarray(idx, dtype=np.int64)

@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 
 from .augment import AugmentSpec, apply_per_image, image_policy, resolve_augment
 from .datasets import FolderSplit, TensorSplit
-from .streams import HFStreamSplit, ShardSplit, StreamLoader
+from .streams import HFStreamSplit, ShardSplit, StreamLoader, draft_size
 from .transforms import eval_transform, train_transform
 
 
@@ -137,15 +137,15 @@ class _FolderDataset(Dataset):
     with its label; a file that does not decode gives `(None, -1, (path, reason))`
     so the worker goes on and the main process records the skip (`SkipLog`)."""
 
-    def __init__(self, split: FolderSplit, transform) -> None:
-        self.split, self.transform = split, transform
+    def __init__(self, split: FolderSplit, transform, draft: int | None = None) -> None:
+        self.split, self.transform, self.draft = split, transform, draft
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, tuple[str, str] | None]:
         try:
-            image = self.split.read(i)
+            image = self.split.read(i, self.draft)
         except ValueError as e:
             return None, -1, (self.split.name(i), str(e.__cause__ or e))
         return self.transform(image), int(self.split.labels[i]), None
@@ -171,7 +171,7 @@ class FolderLoader:
         spec = resolve_augment(augment) if isinstance(augment, str) else augment
         tf = (train_transform(img_size, mean, std, augment=spec, hflip=hflip) if train
               else eval_transform(img_size, mean, std))
-        dataset = _FolderDataset(split, tf)
+        dataset = _FolderDataset(split, tf, draft_size(img_size, train))
         self.generator = torch.Generator()
         self.seed, self.epoch, self.sampler = seed, 0, None
         self.skips = skips or SkipLog()

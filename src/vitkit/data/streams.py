@@ -46,9 +46,9 @@ def _seeded(*parts: int) -> random.Random:
     return random.Random(int.from_bytes(np.random.SeedSequence(list(parts)).generate_state(2).tobytes(), "little"))
 
 
-def decode(raw: bytes | str, mode: str, name: str):
+def decode(raw: bytes | str, mode: str, name: str, draft: int | None = None):
     """A PIL image in `mode` from a sample's bytes (or a file path); ValueError naming the sample if damaged."""
-    return load_image(io.BytesIO(raw) if isinstance(raw, bytes) else raw, mode, name=name)
+    return load_image(io.BytesIO(raw) if isinstance(raw, bytes) else raw, mode, name=name, draft=draft)
 
 
 # -- the splits -------------------------------------------------------------------------------------
@@ -155,8 +155,8 @@ class DatasetSplit:
     def name(self, i: int) -> str:
         return f"row {int(self.index[i])}"
 
-    def read(self, i: int):
-        return decode(_hf_raw(self.dataset[int(self.index[i])][self.image_key]), self.mode, self.name(i))
+    def read(self, i: int, draft: int | None = None):
+        return decode(_hf_raw(self.dataset[int(self.index[i])][self.image_key]), self.mode, self.name(i), draft)
 
     def subset(self, idx) -> DatasetSplit:
         idx = np.asarray(idx, dtype=np.int64)
@@ -164,12 +164,18 @@ class DatasetSplit:
 
 
 # -- reading them -----------------------------------------------------------------------------------
+def draft_size(img_size, train: bool) -> int:
+    """The side JPEGs may be decoded down to (`load_image(draft=...)`): the input size for evaluation (resized
+    to it anyway), twice that for training, so a random crop of a quarter of the image keeps its detail."""
+    return max(img_size) * (2 if train else 1)
+
+
 class _StreamDataset(IterableDataset):
     """Decoded, transformed samples of a stream split for one rank; a shuffle buffer when training."""
 
     def __init__(self, split, transform, *, train: bool, seed: int, rank: int, world_size: int,
-                 shuffle_buffer: int) -> None:
-        self.split, self.transform, self.train = split, transform, train
+                 shuffle_buffer: int, draft: int | None = None) -> None:
+        self.split, self.transform, self.train, self.draft = split, transform, train, draft
         self.seed, self.rank, self.world_size, self.buffer = seed, rank, world_size, shuffle_buffer
         self.epoch = 0
 
@@ -183,7 +189,7 @@ class _StreamDataset(IterableDataset):
                 yield None, -1, key  # `key` holds (name, reason)
                 continue
             try:
-                image = decode(raw, self.split.mode, key)
+                image = decode(raw, self.split.mode, key, self.draft)
             except ValueError as e:
                 yield None, -1, (key, str(e.__cause__ or e))
                 continue
@@ -217,7 +223,7 @@ class StreamLoader:
         spec = resolve_augment(augment) if isinstance(augment, str) else augment
         tf = train_transform(img_size, mean, std, augment=spec, hflip=hflip) if train else eval_transform(img_size, mean, std)
         self.dataset = _StreamDataset(split, tf, train=train, seed=seed, rank=rank, world_size=world_size,
-                                      shuffle_buffer=shuffle_buffer)
+                                      shuffle_buffer=shuffle_buffer, draft=draft_size(img_size, train))
         self.loader = DataLoader(self.dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                                  pin_memory=pin_memory)
         self.split, self.batch_size, self.train, self.epoch = split, batch_size, train, 0

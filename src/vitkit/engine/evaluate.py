@@ -121,5 +121,6 @@ def _eval_split(source: str, rec: RunRecord, *, explicit: bool) -> tuple[list[st
     if explicit and folder.is_dir() and not (folder / "val").is_dir():
         classes, files, labels = _list_classes(folder)
         return classes, FolderSplit(files, labels, rec.mode)
-    bundle = load_data(source, seed=rec.seed, val_fraction=rec.val_fraction)
+    keys = {k: rec.settings.get(k) for k in ("image_key", "label_key")}  # a stream's entries, as the run read them
+    bundle = load_data(source, seed=rec.seed, val_fraction=rec.val_fraction, **keys)
     return bundle.classes, bundle.val
