@@ -128,7 +128,8 @@ def load_data(source: str, *, seed: int = 0, val_fraction: float = 0.2, strict: 
                      f"exists at {path}")
 
 
-def _stream(source: str, **kwargs) -> DataBundle:
+def _stream(source: str, *, seed: int, val_fraction: float, **keys) -> DataBundle:
+    """WebDataset shards or a Hugging Face dataset (`data.streams`); `keys`: image_key, label_key, train_num_samples."""
     from . import streams
 
     library = "webdataset" if source.startswith("wds:") else "datasets"
@@ -137,10 +138,9 @@ def _stream(source: str, **kwargs) -> DataBundle:
     except ImportError as e:
         raise ImportError(f"--data {source} reads with the {library} library: pip install 'vitkit[data]'") from e
     if source.startswith("wds:"):
-        kwargs.pop("seed"), kwargs.pop("val_fraction")
-        classes, train, val, mode, side = streams.open_shards(source, **kwargs)
+        classes, train, val, mode, side = streams.open_shards(source, **keys)
     else:
-        classes, train, val, mode, side = streams.open_hf(source, **kwargs)
+        classes, train, val, mode, side = streams.open_hf(source, seed=seed, val_fraction=val_fraction, **keys)
     in_chans, mean, std = streams.stream_bundle_stats(mode)
     if val is None:
         val = TensorSplit(torch.zeros(0, in_chans, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
@@ -205,7 +205,7 @@ def _image_files(folder: Path) -> list[Path]:
     return [folder / r for r in list_images(folder)[0]]
 
 
-def _usable_images(files: list[Path], strict: bool, skipped: list, bar=None) -> tuple[list[Path], list[str]]:
+def _usable_images(files: list[Path], skipped: list, bar=None) -> tuple[list[Path], list[str]]:
     """The `files` that decode, and their modes; the others are added to `skipped`. `bar`: a progress bar to
     advance per file."""
     good, modes = [], []
@@ -216,8 +216,6 @@ def _usable_images(files: list[Path], strict: bool, skipped: list, bar=None) -> 
             modes.append(check_image(p))
             good.append(p)
         except ValueError as e:
-            if strict:
-                raise ValueError(f"damaged image (strict mode): {e}") from e
             skipped.append((str(p), str(e.__cause__ or e)))
     return good, modes
 
@@ -227,7 +225,7 @@ def _class_dirs(root: Path) -> list[str]:
 
 
 def _list_classes(root: Path, *, strict: bool = False,
-                  skipped: list | None = None) -> tuple[list[str], list[Path], list[int]]:
+                  skipped: list | None = None) -> tuple[list[str], list[str], list[int]]:
     """Class folders under `root` and their image files, listed without decoding any: `(classes, files,
     labels)`. A class folder without an image file is left out, added to `skipped` as `(path, reason)` (with
     `strict`, an error); damaged files are met when training reads them (`data.loader.SkipLog`)."""
@@ -246,7 +244,7 @@ def _list_classes(root: Path, *, strict: bool = False,
                 raise ValueError(f"class folder {root / name} has no usable images (strict mode)")
             skipped.append((str(root / name), "class folder without usable images"))
             continue
-        files += [str(root / r) for r in by_class[name]]
+        files += [f"{root}{os.sep}{r}" for r in by_class[name]]
         labels += [len(classes)] * len(by_class[name])
         classes.append(name)
     return classes, files, labels
@@ -285,7 +283,7 @@ def check_folder(root: str | Path, *, progress: bool = False) -> FolderCheck:
     with tqdm(total=sum(len(files) for *_, files, _ in listed), desc="checking", unit="img",
               disable=not progress) as bar:
         for (split, folder), (_, classes, files, labels) in zip(layout, listed):
-            good, file_modes = _usable_images([Path(f) for f in files], False, skipped, bar)
+            good, file_modes = _usable_images([Path(f) for f in files], skipped, bar)
             ok = set(map(str, good))
             kept = collections.Counter(y for f, y in zip(files, labels) if f in ok)
             counts[split] = {c: kept[y] for y, c in enumerate(classes) if kept[y]}
@@ -339,7 +337,8 @@ HEADERS_READ_ALL = 2048  # folders up to this size have every header read; large
 HEADERS_SAMPLED = 256
 
 
-def read_headers(files: Sequence, limit: int = HEADERS_READ_ALL, sample: int = HEADERS_SAMPLED) -> tuple[set[str], int | None]:
+def read_headers(files: Sequence, limit: int = HEADERS_READ_ALL,
+                 sample: int = HEADERS_SAMPLED) -> tuple[set[str], int | None]:
     """`(PIL modes, largest side)` read from image headers only (no pixels): of every file up to `limit`, else
     of an evenly spaced `sample`. What a folder trains as (greyscale or RGB) and at (`engine.loop`), known
     before the first step without a decode pass; unreadable files are left to training's skip."""
