@@ -4,6 +4,8 @@ import torch
 from PIL import Image
 
 from vitkit.data import TensorLoader, load_data, make_loader
+from vitkit.data.datasets import FolderSplit
+from vitkit.data.loader import eval_batches
 
 
 def test_mnist5k_split_is_fixed_stratified_4000_1000():
@@ -85,6 +87,22 @@ def test_tensor_loader_is_deterministic_per_epoch_and_augments():
     # Eval batches come in order and unaugmented.
     x0, y0 = next(iter(plain))
     assert torch.equal(y0, d.train.labels[:32])
+
+
+
+def test_evaluation_shards_run_as_many_batches_on_every_rank(tmp_path):
+    """65 images over 2 ranks at batch 32 were 33 + 32 images in 2 and 1 batches: a sharded model (FSDP),
+    whose forward needs every rank, would wait forever on the second. Each image still counts once."""
+    shards = [eval_batches(65, 32, rank, 2) for rank in range(2)]
+    assert [len(b) for b in shards] == [2, 2] and all(len(i) <= 32 for b in shards for i in b)
+    assert sorted(torch.cat([i for b in shards for i in b]).tolist()) == list(range(65))
+    assert [len(i) for i in eval_batches(65, 32)] == [32, 32, 1]  # one process: plain batches
+    _write_folder(tmp_path)
+    d = load_data(str(tmp_path), val_fraction=1 / 3)
+    five = FolderSplit(d.val.files[:5], d.val.labels[:5], d.val.mode)  # 3 + 2 images at batch 2: 2 batches each
+    loaders = [make_loader(five, train=False, batch_size=2, img_size=(16, 16), mean=d.mean, std=d.std, num_workers=0,
+                           rank=r, world_size=2) for r in range(2)]
+    assert [len(loader) for loader in loaders] == [2, 2] and sum(len(y) for lo in loaders for _, y in lo) == 5
 
 
 # -- MNIST-format (IDX) data sets, offline ----------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from .augment import AugmentSpec, apply_per_image, image_policy, resolve_augment
@@ -23,12 +23,22 @@ from .streams import HFStreamSplit, ShardSplit, StreamLoader, draft_size
 from .transforms import eval_transform, train_transform
 
 
+def eval_batches(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
+    """The image indices of one rank's evaluation batches: every `world_size`-th image, unpadded (reduced metrics
+    count each image once), in `batch_size` chunks for one process; under torchrun in as many batches on every
+    rank, the count of the largest share, since a sharded model (FSDP) runs each forward on all ranks together."""
+    mine = torch.arange(rank, n, world_size)
+    if world_size == 1:
+        return list(mine.split(batch_size))
+    return list(mine.tensor_split(-(-len(range(0, n, world_size)) // batch_size)))
+
+
 class TensorLoader:
     """Batches from a uint8 tensor, augmented a whole batch at a time.
 
     Under `torch.distributed`, every rank draws the same permutation and augmentation for the global
     batch (`batch_size * world_size`) and keeps its slice: N ranks see what one process would.
-    Evaluation shards the images unpadded, so reduced metrics count every image once.
+    Evaluation shards the images unpadded, so reduced metrics count every image once (`eval_batches`).
     """
 
     def __init__(self, split: TensorSplit, *, batch_size: int, img_size: tuple[int, int], mean: tuple[float, ...],
@@ -55,15 +65,13 @@ class TensorLoader:
         n = len(self.labels)
         if self.train:
             return n // (self.batch_size * self.world_size)
-        return -(-len(range(self.rank, n, self.world_size)) // self.batch_size)
+        return len(eval_batches(n, self.batch_size, self.rank, self.world_size))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         n = len(self.labels)
         if not self.train:
-            order = torch.arange(self.rank, n, self.world_size)
-            for i in range(len(self)):
-                idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            for idx in eval_batches(n, self.batch_size, self.rank, self.world_size):
                 yield self._normalize(self.images[idx]), self.labels[idx]
             return
         order = torch.randperm(n, generator=g)
@@ -162,7 +170,7 @@ def _collate(items: list) -> tuple[torch.Tensor | None, torch.Tensor | None, lis
 
 class FolderLoader:
     """A `DataLoader` over image files whose shuffling is reseeded every epoch. Under `torch.distributed`,
-    training uses a `DistributedSampler`; evaluation gives each rank every `world_size`-th image, unpadded.
+    training uses a `DistributedSampler`; evaluation gives each rank every `world_size`-th image (`eval_batches`).
     Damaged files are dropped from their batch and recorded in `skips`, which the engine points at the run."""
 
     def __init__(self, split: FolderSplit, *, batch_size, img_size, mean, std, train,
@@ -178,12 +186,15 @@ class FolderLoader:
         if world_size > 1 and train:
             self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                               drop_last=True)
-        elif world_size > 1:
-            dataset = Subset(dataset, range(rank, len(dataset), world_size))
-        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=train and self.sampler is None,
-                                 sampler=self.sampler, drop_last=train and len(split) > batch_size * world_size,
-                                 num_workers=num_workers, generator=self.generator, persistent_workers=False,
-                                 collate_fn=_collate, pin_memory=pin_memory)
+        if train:
+            self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=self.sampler is None, sampler=self.sampler,
+                                     drop_last=len(split) > batch_size * world_size, num_workers=num_workers,
+                                     generator=self.generator, persistent_workers=False, collate_fn=_collate,
+                                     pin_memory=pin_memory)
+        else:
+            batches = [b.tolist() for b in eval_batches(len(dataset), batch_size, rank, world_size)]
+            self.loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, generator=self.generator,
+                                     persistent_workers=False, collate_fn=_collate, pin_memory=pin_memory)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
