@@ -79,8 +79,8 @@ def build_parser() -> ArgumentParser:
 
 # On/off switches that may be given bare (`--compile` for `--compile true`), by subcommand.
 _SWITCHES = {
-    "train": {"--compile", "--grad_checkpointing", "--strict", "--tta", "--hflip", "--linear_probe"},
-    "pretrain": {"--compile", "--grad_checkpointing", "--strict", "--hflip", "--mae.norm_pix_loss"},
+    "train": {"--compile", "--grad_checkpointing", "--fsdp", "--strict", "--tta", "--hflip", "--linear_probe"},
+    "pretrain": {"--compile", "--grad_checkpointing", "--fsdp", "--strict", "--hflip", "--mae.norm_pix_loss"},
     "eval": {"--no_report", "--tta"}, "predict": {"--json"}, "push": {"--private", "--dry_run"}, "export": {"--int8", "--dynamic_batch"},
 }
 # The objectives' settings live in their own configs; their short flags stay as users know them.

@@ -160,6 +160,9 @@ class FitConfig:
     """torch.compile the model (pays off on long runs; compiling a ViT takes ~30 s on a CPU)."""
     grad_checkpointing: bool = False
     """Recompute each block's activations in the backward pass: less memory, ~30% more compute."""
+    fsdp: bool = False
+    """Under torchrun, shard the weights, gradients and optimizer state over the processes (FSDP2, one unit per
+    transformer block) instead of replicating them (DDP); checkpoints hold whole weights. One process: ignored."""
     device: str = "auto"
     """'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ..."""
     val_fraction: float = 0.2
@@ -223,6 +226,8 @@ class FitConfig:
             "steps": (self.steps is None or self.steps >= 1, ">= 1 or null"),
             "train_num_samples": (self.train_num_samples is None or self.train_num_samples >= 1, ">= 1 or null"),
             "shuffle_buffer": (self.shuffle_buffer >= 0, ">= 0"),
+            # fp16's gradient scaler would find infs per shard, and the processes could disagree on skipping a step.
+            "fsdp": (not self.fsdp or self.precision != "fp16", "false with --precision fp16 (use --precision bf16)"),
         })
         if self.steps is not None and self.time_budget is not None:
             raise ValueError("steps and time_budget both fix the run's length: pass one of them")
@@ -294,6 +299,8 @@ class TrainConfig(FitConfig):
             "lora_targets": (len(self.lora_targets) > 0, "at least one layer name"),
             "knn_k": (self.knn_k >= 1, ">= 1"), "knn_temperature": (self.knn_temperature > 0, "> 0"),
             "time_budget": (self.finetune != "knn" or self.time_budget is None, "null with --finetune knn (nothing trains)"),
+            # A LoRA adapter is saved by the main process alone, from weights FSDP would hold as shards; k-NN trains nothing.
+            "fsdp": (not self.fsdp or self.finetune in ("full", "linear"), "false with --finetune lora or knn"),
             "label_smoothing": (0 <= self.label_smoothing < 1, "in [0, 1)"),
             "train_subset": (self.train_subset is None or self.train_subset > 0, "> 0 (a fraction <= 1 or a count)"),
         })

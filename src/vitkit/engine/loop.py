@@ -29,7 +29,7 @@ from ..run import (CHECKPOINT, CONFIG, CURVES, EMA_WEIGHTS, EVAL, SKIPPED, WEIGH
                    load_resume_state, save_checkpoint, save_weights, write_eval)
 from .config import DEFAULT_MODEL, FitConfig, PretrainConfig, TrainConfig, config_from_dict
 from . import budget
-from .ema import create_ema
+from .ema import create_ema, ema_weights
 from .evaluate import tta_view_count
 from .objectives import Context, Objective, objective_class
 from .optim import create_optimizer, set_lr, warmup_cosine
@@ -54,6 +54,7 @@ class Session:
     run_dir: Path
     runtime: Runtime
     objective: Objective
+    train_model: nn.Module  # the objective as training steps run it (DDP, or itself sharded by FSDP)
     train_loader: Any
     val_loader: Any
     optimizer: torch.optim.Optimizer | None  # None when the objective does not train (k-NN)
@@ -67,8 +68,9 @@ class Session:
 
 def train_one_epoch(s: Session, epoch: int, train_model: nn.Module) -> dict[str, float]:
     """One pass over the loader, an optimizer step every `accum_steps` batches, of the objective `train_model`
-    (maybe wrapped: DDP, torch.compile). A step with a NaN/inf loss on any process is skipped while the run's
-    count stays within `skip_nonfinite`; past that the run stops, the last checkpoint intact."""
+    (maybe wrapped: DDP, torch.compile; or sharded in place by FSDP). A step with a NaN/inf loss on any process
+    is skipped while the run's count stays within `skip_nonfinite`; past that the run stops, the last checkpoint
+    intact."""
     cfg, runtime, optimizer = s.cfg, s.runtime, s.optimizer
     train_model.train()
     accum, first_step = cfg.accum_steps, epoch * s.steps_per_epoch
@@ -128,9 +130,7 @@ def _skip_or_stop(loss: torch.Tensor, step: int, epoch: int, count: int, allowed
 def fit(cfg: FitConfig) -> Path:
     """Train or resume a run and return its directory (under torchrun every process calls it, the first writes)."""
     s = setup(cfg)
-    train_model = s.runtime.wrap(s.objective)
-    if s.cfg.compile:
-        train_model = torch.compile(train_model)
+    train_model = torch.compile(s.train_model) if s.cfg.compile else s.train_model
     for epoch in range(s.start_epoch, s.cfg.epochs if s.objective.trains else 0):
         t0 = time.perf_counter()
         torch.manual_seed(epoch_seed(s.cfg.seed, epoch, s.runtime.rank))
@@ -139,8 +139,7 @@ def fit(cfg: FitConfig) -> Path:
         s.nonfinite += stats["nonfinite_steps"]
         row = {"epoch": epoch, **stats, **_validate(s)}
         row.update(lr=s.lr_at((epoch + 1) * s.steps_per_epoch - 1), time_s=time.perf_counter() - t0)
-        if s.runtime.is_main:
-            _save_epoch(s, epoch, row)
+        _save_epoch(s, epoch, row)
     _finish(s)
     return s.run_dir
 
@@ -151,31 +150,38 @@ def _validate(s: Session) -> dict[str, float]:
         return {}
     row = s.objective.evaluate(s.val_loader, s.runtime)
     if s.ema is not None:
-        with s.objective.using(s.ema.module):
+        with ema_weights(s.objective.model, s.ema):
             row.update({f"{k}_ema": v for k, v in s.objective.evaluate(s.val_loader, s.runtime).items()})
     return row
 
 
 def _save_epoch(s: Session, epoch: int, row: dict[str, Any]) -> None:
-    """Metrics, weights, checkpoint, curves and the objective's own files, then one line of progress."""
-    rows = append_metrics(s.run_dir, row, keep_epochs=epoch)
-    meta = {"model": s.cfg.model, "epoch": str(epoch), "objective": s.objective.name}
-    save_weights(s.run_dir / WEIGHTS, s.objective.backbone_state(), meta)
-    if s.ema is not None:
-        save_weights(s.run_dir / EMA_WEIGHTS, s.objective.backbone_state(s.ema.module), meta)
-    save_checkpoint(s.run_dir / CHECKPOINT, {
+    """Metrics, weights, checkpoint, curves and the objective's own files, then one line of progress. Every process
+    calls it: under FSDP the weights are gathered from all of them (and the objective's pictures drawn by all);
+    the main process writes."""
+    full = s.runtime.full_state
+    weights = full(s.objective.backbone_state())
+    averaged = full(s.objective.backbone_state(s.ema.module)) if s.ema is not None else None
+    checkpoint = full({
         "objective": s.objective.state_dict(), "optimizer": s.optimizer.state_dict(), "runtime": s.runtime.state_dict(),
         "epoch": epoch, "nonfinite": s.nonfinite, **({"ema": s.ema.state_dict()} if s.ema is not None else {}),
     })
+    s.objective.on_epoch_end(s.run_dir, epoch, s.runtime)
+    if not s.runtime.is_main:
+        return
+    rows = append_metrics(s.run_dir, row, keep_epochs=epoch)
+    meta = {"model": s.cfg.model, "epoch": str(epoch), "objective": s.objective.name}
+    save_weights(s.run_dir / WEIGHTS, weights, meta)
+    if averaged is not None:
+        save_weights(s.run_dir / EMA_WEIGHTS, averaged, meta)
+    save_checkpoint(s.run_dir / CHECKPOINT, checkpoint)
     plot_curves(s.run_dir, rows)
-    s.objective.on_epoch_end(s.run_dir, epoch)
     print(f"epoch {epoch + 1}/{s.cfg.epochs}  {epoch_summary(row)}", flush=True)
 
 
 def _finish(s: Session) -> None:
     """The objective's closing evaluation (EMA weights when kept), written to eval.json; then the processes part."""
-    model = s.objective.model if s.ema is None else s.ema.module
-    with s.objective.using(model):
+    with ema_weights(s.objective.model, s.ema):
         final = s.objective.final_evaluation(s.val_loader, s.runtime) if s.val_loader is not None else None
     if final is not None and s.runtime.is_main:
         weights = "raw" if s.ema is None else "ema"
@@ -231,7 +237,7 @@ def setup(cfg: FitConfig) -> Session:
     _check_model(cfg, kind)
     data = _load(cfg, kind)
     model, img_size, model_args = _build_model(cfg, kind, data)
-    runtime = Runtime(cfg.device, cfg.precision, model, distributed=True)
+    runtime = Runtime(cfg.device, cfg.precision, model, distributed=True, fsdp=cfg.fsdp)
     model.to(runtime.device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -391,22 +397,26 @@ def _record(ctx: Context, kind: type[Objective], model_args: dict[str, Any], hfl
 
 
 def _session(cfg: FitConfig, run_dir: Path, runtime: Runtime, objective: Objective, train_loader, val_loader) -> Session:
-    """The optimizer, EMA and learning-rate schedule over the run's optimizer steps."""
+    """The model as training runs it, its EMA, optimizer and learning-rate schedule over the run's optimizer steps."""
+    ema = create_ema(objective.model, cfg.ema) if cfg.ema and objective.trains else None  # copied while whole
+    train_model = runtime.wrap(objective)
+    if ema is not None:
+        runtime.shard(ema.module)
+    # After `wrap`: FSDP replaces the parameters with their shards, which are what the optimizer must hold.
     optimizer = create_optimizer(objective, cfg.lr, cfg.weight_decay, cfg.layer_decay) if objective.trains else None
-    ema = create_ema(objective.model, cfg.ema) if cfg.ema and objective.trains else None
     steps_per_epoch = len(train_loader) // cfg.accum_steps
     total, warmup = cfg.steps or cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     lr_at = lambda step: warmup_cosine(step, total, warmup, cfg.lr, cfg.min_lr)  # noqa: E731
-    return Session(cfg, run_dir, runtime, objective, train_loader, val_loader, optimizer, ema, lr_at, steps_per_epoch,
-                   total)
+    return Session(cfg, run_dir, runtime, objective, train_model, train_loader, val_loader, optimizer, ema, lr_at,
+                   steps_per_epoch, total)
 
 
 def _restore(s: Session, state: dict[str, Any]) -> None:
     try:
-        s.objective.load_state_dict(state["objective"])
-        s.optimizer.load_state_dict(state["optimizer"])
+        s.runtime.load_state(s.objective, state["objective"])
+        s.runtime.load_state(s.optimizer, state["optimizer"])
         if s.ema is not None:
-            s.ema.load_state_dict(state["ema"])
+            s.runtime.load_state(s.ema, state["ema"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise ValueError(f"the checkpoint in {s.run_dir} does not fit the run's config: {e}") from e
     s.runtime.load_state_dict(state["runtime"])

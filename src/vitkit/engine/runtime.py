@@ -6,12 +6,17 @@ import contextlib
 import ctypes
 import os
 import sys
+import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from ..models.contract import transformer_block_names
 from ..run import resolve_device
 
 
@@ -77,11 +82,12 @@ class Runtime:
     Precision: `auto` is `auto_precision(device, model)`; `fp32` plain; `bf16` autocast (CPU with bf16
     instructions, or CUDA), no scaler needed (bf16 has fp32's exponent range); `fp16` CUDA autocast with a
     gradient scaler, which scales the loss so small gradients do not underflow and skips overflowed steps.
-    `distributed=True` under torchrun: one process per device (cuda:LOCAL_RANK with nccl, or gloo on CPUs).
+    `distributed=True` under torchrun: one process per device (cuda:LOCAL_RANK with nccl, or gloo on CPUs), the
+    model replicated (DistributedDataParallel) or, with `fsdp=True`, sharded (FSDP2's `fully_shard`, `shard`).
     """
 
     def __init__(self, device: str = "auto", precision: str = "fp32", model: nn.Module | None = None, *,
-                 distributed: bool = False) -> None:
+                 distributed: bool = False, fsdp: bool = False) -> None:
         self.rank, self.world_size, local_rank = torchrun_env() if distributed else (0, 1, 0)
         self.device = resolve_device(device)
         if self.device.type == "cpu":
@@ -99,6 +105,11 @@ class Runtime:
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        # One process has nothing to shard; the same command (or a resumed FSDP run) trains unsharded there.
+        self.fsdp = fsdp and self.world_size > 1
+        if fsdp and not self.fsdp:
+            warnings.warn("--fsdp: one process holds the whole model anyway, training unsharded "
+                          "(torchrun --nproc-per-node N shards it over N processes)")
 
     @property
     def is_main(self) -> bool:
@@ -106,10 +117,36 @@ class Runtime:
         return self.rank == 0
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The model for training steps: DistributedDataParallel across processes, else itself."""
+        """The model for training steps: itself sharded in place under FSDP (so build its optimizer after this),
+        DistributedDataParallel across processes, else itself. Under FSDP the model's `model_methods` (an
+        objective's evaluation) gather its shards as `forward` does, and every process must call them."""
+        if self.fsdp:
+            self.shard(model)
+            for name in getattr(model, "model_methods", ()):
+                register_fsdp_forward_method(model, name)
+            return model
         if self.world_size == 1:
             return model
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """Under FSDP, `model` sharded in place over the processes (else as it is): each transformer block is
+        one unit, gathered just before it runs and freed after, the rest (embeddings, head, an objective's
+        decoder) one unit at the root. `wrap` shards the model it trains, the loop the EMA copy alike (each
+        parameter splits along its first dimension however it is grouped, so the EMA's shards line up with
+        the model's and the average is a local update).
+
+        bf16 stays autocast over fp32 shards rather than FSDP's `MixedPrecisionPolicy(param_dtype=bf16)`:
+        the same numbers as DDP and one process, the fp32 final evaluation and fp32 losses stay fp32, for
+        gathers and gradient reductions in fp32 (twice the bytes of bf16)."""
+        if not self.fsdp:
+            return model
+        for name in transformer_block_names(model):
+            fully_shard(model.get_submodule(name))
+        # The root too frees its weights after each forward (FSDP would keep them for the backward): between
+        # steps every parameter is only its shard, which is what the EMA swap and the checkpoint read.
+        fully_shard(model, reshard_after_forward=True)
+        return model
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
@@ -121,7 +158,8 @@ class Runtime:
         return tuple(t.to(self.device, non_blocking=self.device.type == "cuda") for t in tensors)
 
     def no_sync(self, model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
-        """Skip DDP's gradient all-reduce on the micro-batches of an accumulation that are not its last."""
+        """Skip DDP's gradient all-reduce on the micro-batches of an accumulation that are not its last. FSDP
+        reduce-scatters every micro-batch instead: skipping would hold whole unsharded gradients meanwhile."""
         return model.no_sync() if skip and isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -156,9 +194,46 @@ class Runtime:
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
+    def full_state(self, state: Any) -> Any:
+        """`state` (a state dict, an optimizer's, nested dicts and lists) as a checkpoint saves it: under FSDP each
+        sharded tensor gathered whole, on the CPU of the main process (None on the others, which only take part);
+        unchanged otherwise. Every process must call it, in the same order."""
+        if not self.fsdp:
+            return state
+        if isinstance(state, DTensor):
+            whole = state.full_tensor()
+            return whole.cpu() if self.is_main else None
+        if isinstance(state, dict):
+            return {k: self.full_state(v) for k, v in state.items()}
+        if isinstance(state, (list, tuple)):
+            return type(state)(self.full_state(v) for v in state)
+        return state
+
+    def load_state(self, target: nn.Module | torch.optim.Optimizer, state: dict) -> None:
+        """`target.load_state_dict(state)` from a checkpoint's whole tensors, each cut to this process's shard
+        of the parameter it belongs to under FSDP (every process has read the checkpoint: no communication)."""
+        if not self.fsdp:
+            target.load_state_dict(state)
+        elif isinstance(target, nn.Module):
+            own = target.state_dict()
+            target.load_state_dict({k: _shard_like(v, own.get(k)) for k, v in state.items()})
+        else:
+            target.load_state_dict(state)  # the moments come back whole: cut them as their parameters are
+            for p, moments in target.state.items():
+                for k, v in moments.items():
+                    if k != "step":
+                        moments[k] = _shard_like(v, p)
+
     def state_dict(self) -> dict:
         return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+
+
+def _shard_like(value: Any, like: Any) -> Any:
+    """`value`, a whole tensor, as the shard this process holds of `like` (a DTensor); other values unchanged."""
+    if not isinstance(like, DTensor) or isinstance(value, DTensor):
+        return value
+    return distribute_tensor(value.to(like.device), like.device_mesh, like.placements, src_data_rank=None)

@@ -12,10 +12,9 @@ The loop never branches on which objective it runs; a new objective is a file he
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -53,6 +52,9 @@ class Objective(nn.Module):
     trains: ClassVar[bool] = True
     """False: no epochs, the run is its final evaluation (k-NN on frozen features)."""
     build_args: ClassVar[dict[str, Any]] = {}
+    model_methods: ClassVar[tuple[str, ...]] = ("evaluate", "final_evaluation", "on_epoch_end")
+    """The methods besides `forward` that run the model: under FSDP (`Runtime.wrap`) they gather its shards as
+    `forward` does, so every process calls them."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -90,8 +92,9 @@ class Objective(nn.Module):
         """The closing evaluation in a few words, for the run's last line."""
         return str(final)
 
-    def on_epoch_end(self, run_dir: Path, epoch: int) -> None:
-        """Main process only: pictures and other files the objective writes each epoch."""
+    def on_epoch_end(self, run_dir: Path, epoch: int, runtime) -> None:
+        """Pictures and other files the objective writes each epoch: every process calls it (a sharded model runs
+        on all of them together), the main one (`runtime.is_main`) writes."""
 
     def backbone_state(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """The backbone's weights as fine-tuning and inference load them (`model` instead of `self.model`: the EMA copy)."""
@@ -99,15 +102,6 @@ class Objective(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {f"model.{n}" for n in self.model.no_weight_decay()}
-
-    @contextlib.contextmanager
-    def using(self, model: nn.Module) -> Iterator[Objective]:
-        """The objective around another copy of the backbone (the EMA weights), for evaluation."""
-        own, self.model = self.model, model
-        try:
-            yield self
-        finally:
-            self.model = own
 
 
 def objective_class(name: str) -> type[Objective]:

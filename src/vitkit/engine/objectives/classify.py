@@ -66,8 +66,8 @@ class Classify(Objective):
         """Plain weights: LoRA adapters merged, so every tool loads the run as it loads any other."""
         return lora.merged_state(model or self.model) if self.lora else super().backbone_state(model)
 
-    def on_epoch_end(self, run_dir: Path, epoch: int) -> None:
-        if self.lora:
+    def on_epoch_end(self, run_dir: Path, epoch: int, runtime) -> None:
+        if self.lora and runtime.is_main:
             lora.save_adapter(self.model, self.lora, run_dir)
 
     @classmethod

@@ -167,9 +167,7 @@ class MaskedImageModeling(Objective):
 
     def prepare(self, ctx: Context) -> MaskedImageModeling:
         """Fix the validation masks' seed, and the images and masks the pictures show every epoch."""
-        self.eval_seed, self.samples = ctx.cfg.seed, None
-        if not ctx.runtime.is_main:
-            return self
+        self.eval_seed = ctx.cfg.seed
         split = ctx.data.val if len(ctx.data.val) else ctx.data.train
         args = {**ctx.loader_args, "rank": 0, "world_size": 1}
         self.samples = next(iter(make_loader(split, train=False, **args)))[0][:NUM_PICTURES]
@@ -183,7 +181,7 @@ class MaskedImageModeling(Objective):
         return []
 
     @torch.no_grad()
-    def on_epoch_end(self, run_dir: Path, epoch: int) -> None:
+    def on_epoch_end(self, run_dir: Path, epoch: int, runtime) -> None:
         """RUN/<picture>.png (the latest) and RUN/pictures/<picture>_epochNNN.png: rows original / masked input,
         then `picture_rows` (MAE's reconstruction; BEiT's visual tokens and predictions)."""
         device = next(self.parameters()).device
@@ -197,6 +195,8 @@ class MaskedImageModeling(Objective):
             rows = [pixels, _masked(pixels, mask, self.patch)] + self.picture_rows(imgs, pixels, out)
         finally:
             self.train(was_training)
+        if not runtime.is_main:  # every process predicts (a sharded model runs on all together), one draws
+            return
         png = _png([r.cpu() for r in rows], scale=max(1, 96 // imgs.shape[-1]))
         path = Path(run_dir) / self.picture
         atomic_write(path, png)
