@@ -1,6 +1,7 @@
 """The training recipe: augmentation presets, Mixup/CutMix, EMA, layer decay, accumulation,
 activation checkpointing, test-time flips, fine-tuning and torchrun."""
 
+import json
 import os
 import subprocess
 import sys
@@ -325,6 +326,19 @@ def test_fsdp_ends_where_ddp_does_and_its_run_loads_without_fsdp(torchrun_runs):
     assert record.world_size == 2 and record.settings["fsdp"] and record.settings["grad_checkpointing"]
     image = Image.fromarray((load_data("digits").val.images[0, 0]).numpy())
     assert len(load_run(fsdp).predict([image], topk=3)[0]) == 3
+
+
+def test_resuming_an_fsdp_run_cuts_its_whole_checkpoint_into_shards(torchrun_runs):
+    """The finished run resumed under torchrun (its config says fsdp): no epoch is left, so the checkpoint is
+    loaded into the shards and the final evaluation of the EMA weights runs again, to the same numbers."""
+    fsdp = torchrun_runs / "fsdp"
+    before = json.loads((fsdp / vrun.EVAL).read_text())
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "vitkit", "train", "--resume", str(fsdp)],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    after = json.loads((fsdp / vrun.EVAL).read_text())
+    assert after["weights"] == "ema" and {k: after[k] for k in ("loss", "acc1", "n")} == {k: before[k] for k in ("loss", "acc1", "n")}
 
 
 def test_fsdp_settings_that_cannot_shard_are_refused_in_one_line():
