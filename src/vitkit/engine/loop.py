@@ -253,6 +253,9 @@ def setup(cfg: FitConfig) -> Session:
                        pin_memory=runtime.device.type == "cuda", shuffle_buffer=cfg.shuffle_buffer)
     train_loader = make_loader(data.train, train=True, augment=spec, hflip=hflip, **loader_args)
     val_loader = make_loader(data.val, train=False, **loader_args) if len(data.val) or is_stream(data.val) else None
+    if runtime.fsdp and is_stream(data.val):  # a sharded forward needs every process: no rank may run an extra batch
+        raise ValueError("--fsdp cannot evaluate a streamed validation split (wds:, streamed hf:): its processes may "
+                         "read different numbers of batches; drop --fsdp for this data")
     if len(train_loader) < cfg.accum_steps:
         raise ValueError(f"{len(data.train)} training images make {len(train_loader)} batches of {cfg.batch_size}"
                          f"{f' x {runtime.world_size} processes' if runtime.world_size > 1 else ''}: too few for "
