@@ -77,8 +77,6 @@ def write_folders(work: Path, sizes: tuple[int, int]) -> dict[int, Path]:  # noq
     if not (base / "done").exists():
         shutil.rmtree(base, ignore_errors=True)
         for split, data in splits.items():
-            for c in fm.classes:
-                (base / split / c).mkdir(parents=True)
             for i, (x, y) in enumerate(zip(data.images[:, 0].numpy(), data.labels.tolist())):
                 img = Image.fromarray(x, "L")
                 views = [("", img)]
@@ -86,7 +84,8 @@ def write_folders(work: Path, sizes: tuple[int, int]) -> dict[int, Path]:  # noq
                     views += [("m", img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
                               ("f", img.transpose(Image.Transpose.FLIP_TOP_BOTTOM))]
                 for tag, im in views:
-                    d = base / split / fm.classes[y] if not tag else work / f"copies-{tag}" / split / fm.classes[y]
+                    name = fm.classes[y].replace("/", "-")  # "T-shirt/top" would make two nested folders
+                    d = base / split / name if not tag else work / f"copies-{tag}" / split / name
                     d.mkdir(parents=True, exist_ok=True)
                     im.save(d / f"{tag}{i:05d}.png", compress_level=1)
         (base / "done").write_text("")
@@ -130,7 +129,7 @@ def pack(root: Path, work: Path) -> tuple[Path, Path]:
             files = sorted((root / split).rglob("*.png"))
             parts[split] = datasets.Dataset.from_dict(
                 {"image": [{"bytes": f.read_bytes(), "path": None} for f in files],
-                 "label": [classes.index(f.parent.name) for f in files]}, features=feats)
+                 "label": [classes.index(f.relative_to(root / split).parts[0]) for f in files]}, features=feats)
         datasets.DatasetDict(parts).save_to_disk(str(hf))
     return shards, hf
 

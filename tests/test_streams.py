@@ -159,3 +159,12 @@ def test_torchrun_trains_over_shards(packed, tmp_path):
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert vrun.RunRecord.read(tmp_path / "ddp").world_size == 2
     assert "final evaluation" in ddp.stdout
+
+
+def test_steps_and_pack_arguments_are_checked(tmp_path, capsys):
+    with pytest.raises(ValueError, match="steps and time_budget both fix the run's length"):
+        vitkit.TrainConfig(steps=5, time_budget="1m")
+    with pytest.raises(ValueError, match="steps=0 is invalid"):
+        vitkit.TrainConfig(steps=0)
+    assert main(["data", "pack", str(tmp_path)]) == 2
+    assert "name the folder to write the shards to" in capsys.readouterr().err

@@ -12,8 +12,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from ..models.contract import transformer_block_names
@@ -121,6 +119,8 @@ class Runtime:
         DistributedDataParallel across processes, else itself. Under FSDP the model's `model_methods` (an
         objective's evaluation) gather its shards as `forward` does, and every process must call them."""
         if self.fsdp:
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
             self.shard(model)
             for name in getattr(model, "model_methods", ()):
                 register_fsdp_forward_method(model, name)
@@ -141,6 +141,8 @@ class Runtime:
         gathers and gradient reductions in fp32 (twice the bytes of bf16)."""
         if not self.fsdp:
             return model
+        from torch.distributed.fsdp import fully_shard  # imported when used: 0.5 s of every run's start otherwise
+
         for name in transformer_block_names(model):
             fully_shard(model.get_submodule(name))
         # The root too frees its weights after each forward (FSDP would keep them for the backward): between
@@ -200,6 +202,8 @@ class Runtime:
         unchanged otherwise. Every process must call it, in the same order."""
         if not self.fsdp:
             return state
+        from torch.distributed.tensor import DTensor
+
         if isinstance(state, DTensor):
             whole = state.full_tensor()
             return whole.cpu() if self.is_main else None
@@ -234,6 +238,8 @@ class Runtime:
 
 def _shard_like(value: Any, like: Any) -> Any:
     """`value`, a whole tensor, as the shard this process holds of `like` (a DTensor); other values unchanged."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     if not isinstance(like, DTensor) or isinstance(value, DTensor):
         return value
     return distribute_tensor(value.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
