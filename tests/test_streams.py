@@ -148,16 +148,20 @@ def test_shards_without_info_or_missing_keys_are_clear_errors(packed, tmp_path):
     assert len(skips.met) == 16
 
 
-def test_torchrun_trains_over_shards(packed, tmp_path):
-    """2 processes over 5 shards (3 and 2 per rank): equal whole batches per rank, so DDP ends without waiting."""
-    _, out = packed
-    args = ["train", "--data", f"wds:{out}", "--img-size", "8", "--model-args", '{"depth": 1}', "--epochs", "1",
-            "--batch-size", "4", "--warmup-epochs", "0", "--device", "cpu", "--precision", "fp32", "--num-workers", "1"]
+def test_torchrun_over_shards_reads_every_sample_once_per_epoch(packed, tmp_path):
+    """2 processes over 4 shards of 10: each reads its 2 shards, 5 whole batches of 4 per epoch, and the epoch
+    trains on all 40 images (with the partition test above: each exactly once); DDP ends without waiting."""
+    root, _ = packed
+    assert main(["data", "pack", str(root), str(tmp_path / "shards"), "--shard-size", "10", "--val-fraction", "0.17"]) == 0
+    args = ["train", "--data", f"wds:{tmp_path / 'shards'}", "--img-size", "8", "--model-args", '{"depth": 1}',
+            "--epochs", "2", "--batch-size", "4", "--warmup-epochs", "0", "--device", "cpu", "--precision", "fp32",
+            "--num-workers", "2"]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "vitkit", *args, "--out", str(tmp_path / "ddp")],
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert vrun.RunRecord.read(tmp_path / "ddp").world_size == 2
+    assert [r["train_images"] for r in vrun.read_metrics(tmp_path / "ddp")] == [40, 40]
     assert "final evaluation" in ddp.stdout
 
 

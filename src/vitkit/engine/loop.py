@@ -107,7 +107,7 @@ def train_one_epoch(s: Session, epoch: int, train_model: nn.Module) -> dict[str,
     elapsed = time.perf_counter() - t0
     *totals, seen_all = runtime.sum([*sums.values(), seen])
     stats = {k: v / max(seen_all, 1) for k, v in zip(sums, totals)}
-    return {**stats, "images_per_s": seen_all / elapsed, "nonfinite_steps": skipped}
+    return {**stats, "images_per_s": seen_all / elapsed, "train_images": int(seen_all), "nonfinite_steps": skipped}
 
 
 def _nonfinite(loss: torch.Tensor, runtime: Runtime) -> bool:
