@@ -172,3 +172,18 @@ def test_steps_and_pack_arguments_are_checked(tmp_path, capsys):
         vitkit.TrainConfig(steps=0)
     assert main(["data", "pack", str(tmp_path)]) == 2
     assert "name the folder to write the shards to" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_over_shards_resumes_exactly(packed, tmp_path, monkeypatch):
+    from conftest import train_interrupted_after_first_epoch
+    from safetensors.torch import load_file
+
+    _, out = packed
+    args = dict(data=f"wds:{out}", img_size=8, model_args={"depth": 1}, epochs=2, batch_size=8, warmup_epochs=0,
+                num_workers=1, shuffle_buffer=16)
+    train_interrupted_after_first_epoch(monkeypatch, vitkit.TrainConfig(**args, out=str(tmp_path / "cut")))
+    vitkit.train(vitkit.TrainConfig(resume=str(tmp_path / "cut")))
+    vitkit.train(vitkit.TrainConfig(**args, out=str(tmp_path / "whole")))
+    for f in (vrun.WEIGHTS, vrun.EMA_WEIGHTS):
+        a, b = load_file(tmp_path / "cut" / f), load_file(tmp_path / "whole" / f)
+        assert all(torch.equal(a[k], b[k]) for k in a), f
