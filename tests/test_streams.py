@@ -111,6 +111,8 @@ def test_shards_folder_and_hf_dataset_train_alike(packed, tmp_path):
         assert len(rows) == 5 and rows[-1]["lr"] == pytest.approx(1e-5), name  # 22 steps of 5 per epoch, schedule done
         assert vrun.RunRecord.read(run).classes == ["c0", "c1", "c2", "c3"]
         assert rows[-1]["val_acc1"] >= 75, (name, rows[-1])  # four grey levels: easy once trained
+        assert main(["eval", str(run)]) == 0  # the report too; a stream's has no pictures of its images
+        assert json.loads((run / "eval.json").read_text())["n"] == 8
 
 
 def test_streamed_parquet_needs_a_length_and_reads_its_columns(tmp_path):

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..preprocess import load_image
 from ..run import atomic_write
 
 REPORT_JSON = "report.json"
@@ -185,8 +184,9 @@ def plot_reliability(calibration: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
-def plot_wrong(items: list[dict[str, Any]], images: ImageGetter) -> bytes:
-    """A grid of the most confidently wrong images, each titled with its true and predicted class."""
+def plot_wrong(items: list[dict[str, Any]], images: ImageGetter, empty: str = "no wrong predictions") -> bytes:
+    """A grid of the most confidently wrong images, each titled with its true and predicted class (`empty`: the
+    text without any)."""
     plt = _pyplot()
     n = len(items)
     cols = min(8, max(1, math.ceil(math.sqrt(n))))
@@ -200,17 +200,21 @@ def plot_wrong(items: list[dict[str, Any]], images: ImageGetter) -> bytes:
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
         ax.set_title(f"true {short(it['true'])}\npred {short(it['pred'])} {100 * it['confidence']:.0f}%", fontsize=8)
     if not items:
-        axes[0, 0].text(0.5, 0.5, "no wrong predictions", ha="center", va="center")
+        axes[0, 0].text(0.5, 0.5, empty, ha="center", va="center")
     fig.suptitle("Most confidently wrong", fontsize=10)
     fig.tight_layout()
     return _png(fig)
 
 
-def split_images(split: Any) -> ImageGetter:
-    """Image `i` of a data split (`TensorSplit` or `FolderSplit`), as the person would see it."""
+def split_images(split: Any) -> ImageGetter | None:
+    """Image `i` of a data split (in memory, or read by index: a folder, an on-disk HF dataset), as the person
+    would see it; None for a stream (shards, a streamed dataset), whose images cannot be fetched by index."""
+    if not hasattr(split, "images") and not hasattr(split, "read"):
+        return None
+
     def image(i: int) -> np.ndarray:
         if not hasattr(split, "images"):
-            return np.asarray(load_image(split.path(i), split.mode))
+            return np.asarray(split.read(i))
         x = split.images[i].numpy()  # (C, H, W) uint8
         return x[0] if x.shape[0] == 1 else x[:3].transpose(1, 2, 0)
 
@@ -292,8 +296,9 @@ def write_report(out_dir: str | Path, logits: torch.Tensor, targets: torch.Tenso
     report["files"] = {name: name for name in pngs} | {"html": REPORT_HTML}
     for name, data in pngs.items():
         atomic_write(out / name, data)
-    if WRONG_PNG not in pngs:
-        pngs[WRONG_PNG] = plot_wrong([], lambda i: np.zeros((1, 1)))
+    if WRONG_PNG not in pngs:  # the page says why there is no picture (the JSON still lists them)
+        pngs[WRONG_PNG] = plot_wrong([], lambda i: np.zeros((1, 1)), empty="no images to show\n(streamed data)"
+                                     if wrong else "no wrong predictions")
     atomic_write(out / REPORT_HTML, render_html(report, pngs, curves_png).encode())
     atomic_write(out / REPORT_JSON, (json.dumps(report, indent=2) + "\n").encode())
     return report
