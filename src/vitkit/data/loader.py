@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 from .augment import AugmentSpec, apply_per_image, image_policy, resolve_augment
 from .datasets import FolderSplit, TensorSplit
 from .streams import HFStreamSplit, ShardSplit, StreamLoader, draft_size
-from .transforms import eval_transform, train_transform
+from .transforms import image_transform
 
 
 def eval_batches(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
@@ -176,9 +176,7 @@ class FolderLoader:
     def __init__(self, split: FolderSplit, *, batch_size, img_size, mean, std, train,
                  augment: AugmentSpec | str = "light", hflip=True, seed: int = 0, num_workers: int = 2, rank: int = 0,
                  world_size: int = 1, skips: SkipLog | None = None, pin_memory: bool = False) -> None:
-        spec = resolve_augment(augment) if isinstance(augment, str) else augment
-        tf = (train_transform(img_size, mean, std, augment=spec, hflip=hflip) if train
-              else eval_transform(img_size, mean, std))
+        tf = image_transform(img_size, mean, std, train=train, augment=augment, hflip=hflip)
         dataset = _FolderDataset(split, tf, draft_size(img_size, train))
         self.generator = torch.Generator()
         self.seed, self.epoch, self.sampler = seed, 0, None

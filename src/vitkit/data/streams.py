@@ -34,8 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..preprocess import GRAY_MODES, IMAGENET_MEAN, IMAGENET_STD, load_image
-from .augment import resolve_augment
-from .transforms import eval_transform, train_transform
+from .transforms import image_transform
 
 INFO = "info.json"  # beside the shards: classes, image mode and size, and each split's shards with their counts
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
@@ -220,8 +219,7 @@ class StreamLoader:
                  shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> None:
         from .loader import SkipLog, _collate  # the loader module imports this one
 
-        spec = resolve_augment(augment) if isinstance(augment, str) else augment
-        tf = train_transform(img_size, mean, std, augment=spec, hflip=hflip) if train else eval_transform(img_size, mean, std)
+        tf = image_transform(img_size, mean, std, train=train, augment=augment, hflip=hflip)
         self.dataset = _StreamDataset(split, tf, train=train, seed=seed, rank=rank, world_size=world_size,
                                       shuffle_buffer=shuffle_buffer, draft=draft_size(img_size, train))
         self.loader = DataLoader(self.dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,

@@ -6,7 +6,7 @@ import torch
 from torchvision.transforms import v2
 
 from ..preprocess import GRAY_MODES, check_image, eval_transform, load_image  # noqa: F401  (re-exported)
-from .augment import AugmentSpec, image_policy
+from .augment import AugmentSpec, image_policy, resolve_augment
 
 
 def train_transform(img_size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...], *,
@@ -30,3 +30,13 @@ def train_transform(img_size: tuple[int, int], mean: tuple[float, ...], std: tup
     if augment.random_erasing:
         ops.append(v2.RandomErasing(p=augment.random_erasing, value=0))
     return v2.Compose(ops)
+
+
+def image_transform(img_size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...], *, train: bool,
+                    augment: AugmentSpec | str = "light", hflip: bool = True) -> v2.Transform:
+    """What a loader applies to each decoded image: `train_transform` with the preset (a name or a spec) when
+    training, else the evaluation transform."""
+    if not train:
+        return eval_transform(img_size, mean, std)
+    return train_transform(img_size, mean, std, augment=resolve_augment(augment) if isinstance(augment, str)
+                           else augment, hflip=hflip)
