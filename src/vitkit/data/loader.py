@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 
 from .augment import AugmentSpec, apply_per_image, image_policy, resolve_augment
 from .datasets import FolderSplit, TensorSplit
-from .streams import HFStreamSplit, ShardSplit, StreamLoader, draft_size
+from .streams import StreamLoader, draft_size, is_stream
 from .transforms import image_transform
 
 
@@ -214,7 +214,7 @@ class FolderLoader:
 def make_loader(split, **kwargs) -> TensorLoader | FolderLoader | StreamLoader:
     """The fast in-memory loader for tensors, a DataLoader over files (or on-disk HF rows) read by index, a
     stream loader for shards and streamed datasets."""
-    if isinstance(split, (ShardSplit, HFStreamSplit)):
+    if is_stream(split):
         return StreamLoader(split, **kwargs)
     kwargs.pop("shuffle_buffer", None)
     if isinstance(split, TensorSplit):

@@ -70,8 +70,10 @@ class ShardSplit:
             return sum(self.counts[rank::world_size])
         return None if self.num_samples is None else self.num_samples // world_size
 
-    def raw_samples(self, epoch: int, rank: int, world_size: int, seed: int, train: bool) -> Iterator[tuple]:
-        """`(image bytes, label, key)` of this rank's and worker's shards."""
+    def raw_samples(self, epoch: int, rank: int, world_size: int, seed: int, train: bool,
+                    buffer: int = 0) -> Iterator[tuple]:
+        """`(image bytes, label, key)` of this rank's and worker's shards; training passes them through a shuffle
+        buffer of `buffer` samples (0 or 1: none)."""
         mine = self.shards[rank::world_size]
         if train:
             mine = list(mine)
@@ -79,8 +81,10 @@ class ShardSplit:
         worker = get_worker_info()
         if worker is not None:
             mine = mine[worker.id :: worker.num_workers]
-        for shard in mine:
-            yield from _tar_samples(shard, self.image_key, self.label_key)
+        samples = (s for shard in mine for s in _tar_samples(shard, self.image_key, self.label_key))
+        if train and buffer > 1:
+            samples = _shuffled(samples, buffer, _seeded(seed, epoch, rank, worker.id if worker else 0))
+        yield from samples
 
 
 def _tar_samples(shard: str, image_key: str | None, label_key: str) -> Iterator[tuple]:
@@ -115,12 +119,13 @@ class HFStreamSplit:
     def rank_count(self, rank: int, world_size: int) -> int | None:
         return None if self.num_samples is None else self.num_samples // world_size
 
-    def raw_samples(self, epoch: int, rank: int, world_size: int, seed: int, train: bool) -> Iterator[tuple]:
+    def raw_samples(self, epoch: int, rank: int, world_size: int, seed: int, train: bool,
+                    buffer: int = 0) -> Iterator[tuple]:
         from datasets.distributed import split_dataset_by_node
 
         ds = split_dataset_by_node(self.dataset, rank=rank, world_size=world_size) if world_size > 1 else self.dataset
-        if train:
-            ds = ds.shuffle(seed=seed, buffer_size=DEFAULT_SHUFFLE_BUFFER)
+        if train and buffer > 1:  # the dataset's own buffer, reseeded per epoch by `set_epoch`
+            ds = ds.shuffle(seed=seed, buffer_size=buffer)
             ds.set_epoch(epoch)
         for i, row in enumerate(ds):  # datasets gives each DataLoader worker its own shards
             yield _hf_raw(row[self.image_key]), int(row[self.label_key]), f"{self.dataset.info.dataset_name}#{i}"
@@ -179,10 +184,7 @@ class _StreamDataset(IterableDataset):
         self.epoch = 0
 
     def __iter__(self):
-        worker = get_worker_info()
-        samples = self.split.raw_samples(self.epoch, self.rank, self.world_size, self.seed, self.train)
-        if self.train and self.buffer > 1 and isinstance(self.split, ShardSplit):  # HF streams shuffle themselves
-            samples = _shuffled(samples, self.buffer, _seeded(self.seed, self.epoch, self.rank, worker.id if worker else 0))
+        samples = self.split.raw_samples(self.epoch, self.rank, self.world_size, self.seed, self.train, self.buffer)
         for raw, label, key in samples:
             if raw is None:
                 yield None, -1, key  # `key` holds (name, reason)
