@@ -29,28 +29,11 @@ from typing import Any
 import torch
 
 import vitkit
-from harness import interleaved
+from harness import interleaved, run_curve, time_to_targets
 from vitkit.benchmark import bench_optimizer, infer_step, machine_info, machine_line, synchronizer, train_step
 from vitkit.engine import TrainConfig, train
 from vitkit.engine.runtime import Runtime
 from vitkit.run import read_metrics
-
-TARGETS = (90.0, 92.0, 93.0, 94.0)
-
-
-def time_to_targets(rows: list[dict[str, Any]], targets: tuple[float, ...] = TARGETS) -> dict[str, float | None]:
-    """Seconds of epoch time (training + evaluation, summed over `time_s`) until the first epoch whose
-    validation top-1, raw or EMA, reaches each target; None for a target never reached."""
-    out: dict[str, float | None] = {f"{t:g}": None for t in targets}
-    elapsed = 0.0
-    for row in rows:
-        elapsed += row["time_s"]
-        best = max(row.get("val_acc1", 0.0), row.get("val_acc1_ema") or 0.0)
-        for t in targets:
-            if out[f"{t:g}"] is None and best >= t:
-                out[f"{t:g}"] = round(elapsed, 2)
-    return out
-
 
 def throughput(device: str, model: str, batch: int, rounds: int, smoke: bool) -> dict[str, Any]:
     """images/s of vitkit and timm, training and inference, bf16 and fp32, and the ratios."""
@@ -95,7 +78,7 @@ def fashion(device: str, data: str, model: str, budget: str, out: str | None, ep
     rows = read_metrics(run_dir)
     final = json.loads((Path(run_dir) / "eval.json").read_text())
     return {"model": model, "data": data, "budget": budget, "epochs": len(rows),
-            "train_s": round(sum(r["time_s"] for r in rows), 2), "time_to": time_to_targets(rows),
+            "train_s": round(sum(r["time_s"] for r in rows), 2), "time_to": time_to_targets(run_curve(rows)),
             "final_acc1": final.get("acc1"), "run": run_dir}
 
 

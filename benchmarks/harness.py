@@ -7,6 +7,7 @@ Scripts here import it as `from harness import ...` (Python puts the script's fo
 from __future__ import annotations
 
 import importlib.util
+import math
 import multiprocessing
 import os
 import time
@@ -46,6 +47,31 @@ def interleaved(steps: dict[str, Step], batch: int, *, warmup: int = 2, rounds: 
             sync()
             rates[name].append(iters * batch / (time.perf_counter() - t0))
     return rates
+
+
+TARGETS = (90.0, 92.0, 93.0, 94.0)  # Fashion-MNIST's: the published 2-conv CNN is at 91.6%, ResNet-18 at 94.9%
+
+
+def run_curve(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A vitkit run's `metrics.jsonl` rows as a curve: per epoch, the summed epoch time (training and
+    evaluation, `time_s`) so far and the better of its raw and EMA validation top-1."""
+    curve, elapsed = [], 0.0
+    for row in rows:
+        elapsed += row["time_s"]
+        curve.append({"epoch": row["epoch"] + 1, "cum_s": round(elapsed, 2), "acc1_raw": row["val_acc1"],
+                      "acc1_ema": row.get("val_acc1_ema"), "acc1": max(row["val_acc1"], row.get("val_acc1_ema") or 0.0)})
+    return curve
+
+
+def time_to_targets(curve: list[dict[str, Any]], budget_s: float = math.inf,
+                    targets: tuple[float, ...] = TARGETS) -> dict[str, float | None]:
+    """Seconds (`cum_s`) at the first point of the curve whose `acc1` reaches each target within the budget;
+    None for a target not reached."""
+    out: dict[str, float | None] = {}
+    for t in targets:
+        hit = next((r for r in curve if r["acc1"] >= t and r["cum_s"] <= budget_s), None)
+        out[f"{t:g}"] = None if hit is None else hit["cum_s"]
+    return out
 
 
 def _step_worker(conn: Any, script: str, builder: str, args: tuple, env: dict[str, str]) -> None:

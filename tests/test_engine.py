@@ -1,5 +1,8 @@
 import json
 import math
+import re
+import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ from safetensors.torch import load_file
 
 import vitkit
 import vitkit.run as vrun
-from vitkit.engine import TrainConfig, param_groups, train, warmup_cosine
+from vitkit.engine import TrainConfig, budget, param_groups, train, warmup_cosine
 from vitkit.run import load_run
 from vitkit.engine.runtime import Runtime
 
@@ -144,14 +147,43 @@ def test_a_time_budget_plans_the_epochs_and_resume_keeps_the_plan(tmp_path, caps
     run = train(TrainConfig(**{**FAST, "epochs": 1, "warmup_epochs": None}, time_budget="20s", out=str(tmp_path / "budget")))
     out = capsys.readouterr().out
     settings = vrun.RunRecord.read(run).settings
-    planned = settings["epochs"]
-    assert "time budget 20s: " in out and f"-> {planned} epochs" in out and settings["time_budget"] == "20s"
-    assert planned >= 1 and settings["warmup_epochs"] == min(2.0, planned / 2)
+    planned = settings["epochs"]  # as planned, or as re-planned after a slow epoch (its own line says so)
+    first = int(re.search(r"-> (\d+) epochs", out).group(1))
+    assert "time budget 20s: " in out and settings["time_budget"] == "20s"
+    assert planned == first or f"the run ends after {planned} epochs instead of" in out
+    assert planned >= 1 and settings["warmup_epochs"] == min(2.0, first / 2)
     rows = vrun.read_metrics(run)
     assert [r["epoch"] for r in rows] == list(range(planned))
     # Resuming a finished plan trains nothing more: the plan is the record's, not measured again.
     train(TrainConfig(resume=str(run)))
     assert "time budget" not in capsys.readouterr().out and len(vrun.read_metrics(run)) == planned
+
+
+def test_replan_shortens_only_a_run_that_would_end_past_its_deadline():
+    deadline = budget.Deadline(at=100.0, final_s=10.0)
+    # 3 of 8 epochs done at t=40: 50 s left for the epochs; 10 s each fits all 5, 12 s each fits 4, 60 s none.
+    assert budget.replan(deadline, 8, 3, 10.0, now=40.0) == 8
+    assert budget.replan(deadline, 8, 3, 12.0, now=40.0) == 7
+    assert budget.replan(deadline, 8, 3, 60.0, now=40.0) == 3
+    assert budget.replan(deadline, 8, 3, 1.0, now=40.0) == 8  # never longer than planned
+
+
+def test_a_slow_budgeted_run_is_shortened_and_its_record_follows(tmp_path, monkeypatch, capsys):
+    """Epochs slower than planned (here: a plan of 4 epochs against a deadline that leaves time for ~2): the run
+    stops at the epochs that fit, its cosine ends at the new last step, and the record holds the new plan."""
+    real_plan = budget.plan
+
+    def tight_plan(cfg, *args, **kwargs):
+        planned, deadline = real_plan(cfg, *args, **kwargs)
+        return replace(planned, epochs=4, warmup_epochs=1), budget.Deadline(at=time.perf_counter(), final_s=0.0)
+
+    monkeypatch.setattr(budget, "plan", tight_plan)
+    run = train(TrainConfig(**{**FAST, "epochs": 1}, time_budget="20s", out=str(tmp_path / "slow")))
+    out = capsys.readouterr().out
+    rows = vrun.read_metrics(run)
+    assert len(rows) == 1 and "the run ends after 1 epochs instead of 4, now" in out
+    assert vrun.RunRecord.read(run).settings["epochs"] == 1
+    assert (run / vrun.EVAL).exists()
 
 
 @pytest.mark.parametrize("value", ["0s", "ten minutes", "-5m"])

@@ -11,13 +11,16 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import gpu_check  # noqa: E402
+from harness import run_curve, time_to_targets  # noqa: E402
 
 
 def test_time_to_targets_sums_epoch_times_and_takes_raw_or_ema():
-    rows = [{"time_s": 10.0, "val_acc1": 85.0, "val_acc1_ema": 89.0},
-            {"time_s": 12.0, "val_acc1": 91.0, "val_acc1_ema": 92.5},
-            {"time_s": 11.0, "val_acc1": 93.2, "val_acc1_ema": None}]
-    assert gpu_check.time_to_targets(rows) == {"90": 22.0, "92": 22.0, "93": 33.0, "94": None}
+    rows = [{"epoch": 0, "time_s": 10.0, "val_acc1": 85.0, "val_acc1_ema": 89.0},
+            {"epoch": 1, "time_s": 12.0, "val_acc1": 91.0, "val_acc1_ema": 92.5},
+            {"epoch": 2, "time_s": 11.0, "val_acc1": 93.2, "val_acc1_ema": None}]
+    curve = run_curve(rows)
+    assert time_to_targets(curve) == {"90": 22.0, "92": 22.0, "93": 33.0, "94": None}
+    assert time_to_targets(curve, budget_s=30.0) == {"90": 22.0, "92": 22.0, "93": None, "94": None}
 
 
 def test_throughput_logic_runs_on_the_cpu(tmp_path, capsys):

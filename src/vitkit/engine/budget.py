@@ -2,6 +2,9 @@
 
 The plan replaces `--epochs` before the run starts, so the schedule (warmup + cosine) covers the steps that fit,
 the final evaluation has its time set aside, and the run's settings record the plan `--resume` continues exactly.
+A shared machine's speed drifts (on the 2-core CPU the docs were measured on, one run's epochs took 74-98 s), so
+after every epoch the plan is checked against the clock: when the epochs left would end past the budget, the run
+is shortened and the rest of its cosine laid over the epochs that fit (`replan`), and the record follows.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import math
 import re
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -77,11 +80,19 @@ def _eval_batch_s(probe: torch.nn.Module, val_loader, runtime, batches: int = 4)
     return statistics.median(times[1:] or times)
 
 
+@dataclass
+class Deadline:
+    """When a budgeted run must end (`time.perf_counter()` seconds) and what its final evaluation takes."""
+
+    at: float
+    final_s: float
+
+
 def plan(cfg: Any, objective: torch.nn.Module, train_loader, val_loader, runtime, started: float,
-         views: tuple[int, int] = (1, 1)) -> Any:
-    """The config with the number of epochs (at least one) that fits `cfg.time_budget` from `started` on: each
-    epoch trains and validates over `views[0]` test-time views (twice with EMA), the final evaluation takes
-    `views[1]`; the epochs may use the budget less set-up, timing and a 5% margin."""
+         views: tuple[int, int] = (1, 1)) -> tuple[Any, Deadline]:
+    """The config with the number of epochs (at least one) that fits `cfg.time_budget` from `started` on, and the
+    run's deadline: each epoch trains and validates over `views[0]` test-time views (twice with EMA), the final
+    evaluation takes `views[1]`; the epochs may use the budget less set-up, timing and a 5% margin."""
     budget = parse_duration(cfg.time_budget)
     step_s, forward_s = time_steps(objective, train_loader, val_loader, runtime, cfg, budget)
     val_batches = len(val_loader) if val_loader is not None else 0
@@ -94,4 +105,15 @@ def plan(cfg: Any, objective: torch.nn.Module, train_loader, val_loader, runtime
               f"~{epoch_s:.1f} s per epoch -> {epochs} epochs (~{epochs * epoch_s + final_s:.0f} s with the final "
               f"evaluation; set-up took {time.perf_counter() - started:.0f} s)", flush=True)
     planned = replace(cfg, epochs=epochs)
-    return replace(planned, warmup_epochs=planned.default_warmup() if cfg.warmup_epochs is None else min(cfg.warmup_epochs, epochs))
+    planned = replace(planned, warmup_epochs=planned.default_warmup() if cfg.warmup_epochs is None else min(cfg.warmup_epochs, epochs))
+    return planned, Deadline(started + budget, final_s)
+
+
+def replan(deadline: Deadline, epochs: int, done: int, epoch_s: float, now: float | None = None) -> int:
+    """The number of epochs the run can still have after `done` of its `epochs` planned, each taking `epoch_s`
+    (as measured so far, saving included): unchanged while they end by the deadline, else the most that do (at
+    least `done`: then the run ends now). Never more than planned, so a faster spell does not lengthen it."""
+    left = deadline.at - (time.perf_counter() if now is None else now) - deadline.final_s
+    if (epochs - done) * epoch_s <= left:
+        return epochs
+    return max(done, min(epochs, done + math.floor(left / epoch_s)))

@@ -64,6 +64,7 @@ class Session:
     total_steps: int
     start_epoch: int = 0
     nonfinite: int = 0
+    deadline: budget.Deadline | None = None  # a new run with a time budget: checked after every epoch
 
 
 def train_one_epoch(s: Session, epoch: int, train_model: nn.Module) -> dict[str, float]:
@@ -131,7 +132,12 @@ def fit(cfg: FitConfig) -> Path:
     """Train or resume a run and return its directory (under torchrun every process calls it, the first writes)."""
     s = setup(cfg)
     train_model = torch.compile(s.train_model) if s.cfg.compile else s.train_model
+    first = time.perf_counter()
     for epoch in range(s.start_epoch, s.cfg.epochs if s.objective.trains else 0):
+        if s.deadline is not None and epoch > s.start_epoch:
+            _replan(s, epoch, (time.perf_counter() - first) / (epoch - s.start_epoch))
+        if epoch >= s.cfg.epochs:
+            break
         t0 = time.perf_counter()
         torch.manual_seed(epoch_seed(s.cfg.seed, epoch, s.runtime.rank))
         s.train_loader.set_epoch(epoch)
@@ -142,6 +148,25 @@ def fit(cfg: FitConfig) -> Path:
         _save_epoch(s, epoch, row)
     _finish(s)
     return s.run_dir
+
+
+def _replan(s: Session, done: int, epoch_s: float) -> None:
+    """Shorten a budgeted run whose epochs have been slower than planned, its cosine re-laid over the epochs that
+    fit from the next step on; the run record is rewritten, so `--resume` follows the new plan. Every process
+    takes the main process's decision (their clocks differ)."""
+    epochs = budget.replan(s.deadline, s.cfg.epochs, done, epoch_s) if s.runtime.is_main else 0
+    epochs = round(s.runtime.sum([epochs])[0])  # the main process's value on every process
+    if epochs == s.cfg.epochs:
+        return
+    if s.runtime.is_main:
+        print(f"time budget {s.cfg.time_budget}: epochs take {epoch_s:.1f} s, slower than planned; the run ends after "
+              f"{epochs} epochs instead of {s.cfg.epochs}{', now' if epochs == done else ', its schedule re-laid over them'}",
+              flush=True)
+        record = RunRecord.read(s.run_dir)
+        record.settings["epochs"] = epochs
+        record.write(s.run_dir)
+    s.cfg = replace(s.cfg, epochs=epochs)
+    s.lr_at, s.total_steps = _schedule(s.cfg, s.steps_per_epoch)
 
 
 def _validate(s: Session) -> dict[str, float]:
@@ -265,9 +290,11 @@ def setup(cfg: FitConfig) -> Session:
         cfg = replace(cfg, epochs=max(1, math.ceil(run_epochs)), warmup_epochs=min(cfg.warmup_epochs, run_epochs / 2))
     ctx = Context(cfg, data, runtime, img_size, mean, std, tta, run_dir, resume_state is not None, loader_args)
     objective = kind.build(model, ctx).to(runtime.device)
+    deadline = None
     if cfg.time_budget and resume_state is None:  # a resumed run keeps the plan its record holds
-        ctx.cfg = cfg = budget.plan(cfg, objective, train_loader, val_loader, runtime, started,
-                                      (1 + tta[0], tta_view_count(*tta)))
+        cfg, deadline = budget.plan(cfg, objective, train_loader, val_loader, runtime, started,
+                                    (1 + tta[0], tta_view_count(*tta)))
+        ctx.cfg = cfg
     if resume_state is None and runtime.is_main:
         _record(ctx, kind, model_args, hflip).write(run_dir)
     if data.skipped and runtime.is_main:  # what listing the folder left out (empty class folders)
@@ -275,6 +302,7 @@ def setup(cfg: FitConfig) -> Session:
             skips.add(p, why, warn=False)
         print(f"skipped {len(data.skipped)} empty class folders (listed in {run_dir / SKIPPED})")
     s = _session(cfg, run_dir, runtime, objective, train_loader, val_loader)
+    s.deadline = deadline
     if resume_state is not None:
         _restore(s, resume_state)
     _announce(s, data, img_size)
@@ -408,10 +436,15 @@ def _session(cfg: FitConfig, run_dir: Path, runtime: Runtime, objective: Objecti
     # After `wrap`: FSDP replaces the parameters with their shards, which are what the optimizer must hold.
     optimizer = create_optimizer(objective, cfg.lr, cfg.weight_decay, cfg.layer_decay) if objective.trains else None
     steps_per_epoch = len(train_loader) // cfg.accum_steps
-    total, warmup = cfg.steps or cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
-    lr_at = lambda step: warmup_cosine(step, total, warmup, cfg.lr, cfg.min_lr)  # noqa: E731
+    lr_at, total = _schedule(cfg, steps_per_epoch)
     return Session(cfg, run_dir, runtime, objective, train_model, train_loader, val_loader, optimizer, ema, lr_at,
                    steps_per_epoch, total)
+
+
+def _schedule(cfg: FitConfig, steps_per_epoch: int) -> tuple[Callable[[int], float], int]:
+    """The learning rate at each optimizer step (warmup, then cosine to the run's last step), and that number."""
+    total, warmup = cfg.steps or cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    return (lambda step: warmup_cosine(step, total, warmup, cfg.lr, cfg.min_lr)), total
 
 
 def _restore(s: Session, state: dict[str, Any]) -> None:
