@@ -141,6 +141,12 @@ class RunRecord:
         atomic_write(Path(run_dir) / CONFIG, yaml.safe_dump(doc, sort_keys=False).encode())
 
     @classmethod
+    def update_settings(cls, run_dir: str | Path, **changes: Any) -> None:
+        """Rewrite a run's record with some of its training settings changed (a budgeted run re-planned)."""
+        record = cls.read(run_dir)
+        dataclasses.replace(record, settings={**record.settings, **changes}).write(run_dir)
+
+    @classmethod
     def read(cls, run_dir: str | Path) -> RunRecord:
         path = Path(run_dir) / CONFIG
         if not path.exists():

@@ -162,9 +162,7 @@ def _replan(s: Session, done: int, epoch_s: float) -> None:
         print(f"time budget {s.cfg.time_budget}: epochs take {epoch_s:.1f} s, slower than planned; the run ends after "
               f"{epochs} epochs instead of {s.cfg.epochs}{', now' if epochs == done else ', its schedule re-laid over them'}",
               flush=True)
-        record = RunRecord.read(s.run_dir)
-        record.settings["epochs"] = epochs
-        record.write(s.run_dir)
+        RunRecord.update_settings(s.run_dir, epochs=epochs)
     s.cfg = replace(s.cfg, epochs=epochs)
     s.lr_at, s.total_steps = _schedule(s.cfg, s.steps_per_epoch)
 
