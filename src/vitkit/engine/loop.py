@@ -132,13 +132,14 @@ def fit(cfg: FitConfig) -> Path:
     """Train or resume a run and return its directory (under torchrun every process calls it, the first writes)."""
     s = setup(cfg)
     train_model = torch.compile(s.train_model) if s.cfg.compile else s.train_model
-    first = time.perf_counter()
+    first = last = time.perf_counter()
     for epoch in range(s.start_epoch, s.cfg.epochs if s.objective.trains else 0):
-        if s.deadline is not None and epoch > s.start_epoch:
-            _replan(s, epoch, (time.perf_counter() - first) / (epoch - s.start_epoch))
+        if s.deadline is not None and epoch > s.start_epoch:  # the mean epoch so far, or the last if slower
+            now = time.perf_counter()
+            _replan(s, epoch, max((now - first) / (epoch - s.start_epoch), now - last))
         if epoch >= s.cfg.epochs:
             break
-        t0 = time.perf_counter()
+        t0 = last = time.perf_counter()
         torch.manual_seed(epoch_seed(s.cfg.seed, epoch, s.runtime.rank))
         s.train_loader.set_epoch(epoch)
         stats = train_one_epoch(s, epoch, train_model)
