@@ -37,6 +37,7 @@ from one run only. Each line of the output says which machine it ran on.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import subprocess
@@ -292,6 +293,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(names) - set(CONTESTANTS))
     if unknown:
         p.error(f"unknown contestants {unknown}; choose from {', '.join(CONTESTANTS)}")
+    missing = [m for n, m in (("timm", "timm"), ("simplevit", "vit_pytorch")) if n in names and importlib.util.find_spec(m) is None]
+    if missing:  # before any contestant runs, not after the first ones' minutes
+        p.error(f"{', '.join(missing)} not installed: pip install -e \".[bench]\" (or leave those contestants out)")
     from vitkit.benchmark import machine_info, machine_line
 
     info = machine_info("cpu")

@@ -52,3 +52,11 @@ def test_table_ratios_are_peer_time_over_vitkit_time(capsys):
     assert ratios["cnn"] == {"90": "1.50x", "92": "2.00x", "93": ">= 5.00x", "94": "-"}
     out = capsys.readouterr().out
     assert "small CNN (2 conv blocks) / vitkit" in out and "final evaluation" in out
+
+
+def test_a_missing_peer_library_is_named_before_anything_runs(monkeypatch, capsys):
+    real = fm.importlib.util.find_spec
+    monkeypatch.setattr(fm.importlib.util, "find_spec", lambda name: None if name == "vit_pytorch" else real(name))
+    with pytest.raises(SystemExit):
+        fm.main(["--contestants", "cnn,simplevit"])
+    assert 'vit_pytorch not installed: pip install -e ".[bench]"' in capsys.readouterr().err
